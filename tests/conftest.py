@@ -1,0 +1,91 @@
+"""Shared fixtures: a small embedded dataset and a helper to run the scripts as a user would."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from utils.synthetic import generate_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Flags that make a pretraining run tiny (seconds on a 2-core CPU).
+TINY_TRAIN_FLAGS = [
+    "--arch",
+    "vit_tiny",
+    "--patch_size",
+    "16",
+    "--global_crop_size",
+    "32",
+    "--local_crop_size",
+    "16",
+    "--out_dim",
+    "128",
+    "--batch_size_per_gpu",
+    "8",
+    "--num_workers",
+    "0",
+    "--warmup_epochs",
+    "1",
+    "--print_freq",
+    "2",
+    "--lr",
+    "5e-4",
+]
+
+
+@pytest.fixture(scope="session")
+def small_synthetic(tmp_path_factory) -> Path:
+    """The embedded dataset at 4 train / 2 val images per class (40 / 20 images, 10 classes)."""
+    root = tmp_path_factory.mktemp("synthetic")
+    return generate_synthetic_dataset(root, train_per_class=4, val_per_class=2)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_script(args: list[str], timeout: float = 300, env: dict | None = None, nproc: int = 1):
+    """Run ``python <args>`` (or torchrun with ``nproc`` processes) from the repository root; returns the result."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    if nproc > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            *args,
+        ]
+    else:
+        cmd = [sys.executable, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(small_synthetic, tmp_path_factory) -> Path:
+    """``checkpoint.pth`` of a 1-epoch pretraining run on the small embedded dataset."""
+    import main_dino
+
+    out = tmp_path_factory.mktemp("pretrained")
+    flags = [
+        *TINY_TRAIN_FLAGS,
+        "--data_path",
+        str(small_synthetic),
+        "--output_dir",
+        str(out),
+        "--epochs",
+        "1",
+        "--knn_every",
+        "0",
+    ]
+    assert main_dino.main(flags) == 0
+    return out / "checkpoint.pth"

@@ -1,0 +1,75 @@
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from main_dino import DINOLoss
+
+
+class ReferenceDINOLoss:
+    """The loss written plainly: a loop over (teacher view, student view) pairs, numpy for the centre."""
+
+    def __init__(self, out_dim, ncrops, warm_temp, temp, warm_epochs, nepochs, student_temp=0.1, momentum=0.9):
+        self.ncrops, self.student_temp, self.momentum = ncrops, student_temp, momentum
+        self.center = np.zeros((1, out_dim))
+        self.temps = [warm_temp + (temp - warm_temp) * e / (warm_epochs - 1) for e in range(warm_epochs)]
+        self.temps += [temp] * (nepochs - warm_epochs)
+
+    def __call__(self, student, teacher, epoch):
+        student_views = (student / self.student_temp).chunk(self.ncrops)
+        t = (teacher.double() - torch.from_numpy(self.center)) / self.temps[epoch]
+        teacher_views = F.softmax(t, dim=-1).chunk(2)
+        total, terms = 0.0, 0
+        for iq, q in enumerate(teacher_views):
+            for v, s in enumerate(student_views):
+                if v == iq:
+                    continue
+                total += torch.sum(-q * F.log_softmax(s.double(), dim=-1), dim=-1).mean().item()
+                terms += 1
+        batch_center = teacher.double().numpy().mean(axis=0, keepdims=True)
+        self.center = self.center * self.momentum + batch_center * (1 - self.momentum)
+        return total / terms
+
+
+def test_dino_loss_matches_pairwise_reference_over_warmup():
+    torch.manual_seed(0)
+    out_dim, ncrops, batch, epochs = 64, 6, 5, 6
+    ours = DINOLoss(out_dim, ncrops, 0.04, 0.07, 4, epochs)
+    reference = ReferenceDINOLoss(out_dim, ncrops, 0.04, 0.07, 4, epochs)
+    for epoch in range(epochs):
+        student = torch.randn(ncrops * batch, out_dim) * 3
+        teacher = torch.randn(2 * batch, out_dim) * 3 + 1.0
+        value = ours(student, teacher, epoch)
+        expected = reference(student, teacher, epoch)
+        assert abs(value.item() - expected) < 1e-4 * max(1.0, abs(expected))
+        np.testing.assert_allclose(ours.center.numpy(), reference.center, rtol=1e-5, atol=1e-6)
+
+
+def test_dino_loss_gradient_flows_to_student_only():
+    loss_fn = DINOLoss(16, 4, 0.04, 0.04, 0, 2)
+    student = torch.randn(4 * 3, 16, requires_grad=True)
+    teacher = torch.randn(2 * 3, 16, requires_grad=True)
+    loss_fn(student, teacher, 0).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None
+
+
+def test_collapse_indicators_on_uniform_and_peaked_teacher():
+    loss_fn = DINOLoss(32, 2, 0.04, 0.04, 0, 1)
+    loss_fn(torch.randn(4, 32), torch.zeros(4, 32), 0)  # all-equal logits: uniform teacher
+    assert abs(loss_fn.last_stats["teacher_mean_entropy"].item() - np.log(32)) < 1e-4
+    assert abs(loss_fn.last_stats["teacher_sample_entropy"].item() - np.log(32)) < 1e-4
+    peaked = torch.zeros(4, 32)
+    peaked[:, 3] = 100.0
+    loss_fn = DINOLoss(32, 2, 0.04, 0.04, 0, 1)
+    loss_fn(torch.randn(4, 32), peaked, 0)
+    assert loss_fn.last_stats["teacher_mean_entropy"].item() < 1e-3
+
+
+def test_non_finite_teacher_batch_leaves_centre_unchanged():
+    loss_fn = DINOLoss(8, 2, 0.04, 0.04, 0, 1)
+    loss_fn(torch.randn(4, 8), torch.randn(4, 8), 0)
+    before = loss_fn.center.clone()
+    teacher = torch.randn(4, 8)
+    teacher[0, 0] = float("nan")
+    loss_fn(torch.randn(4, 8), teacher, 0)
+    assert torch.equal(loss_fn.center, before)

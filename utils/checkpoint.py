@@ -1,0 +1,91 @@
+"""Checkpoints: atomic writes, safe loads (``weights_only=True``), and resuming a run.
+
+A checkpoint is untrusted input: it is loaded with ``torch.load(weights_only=True)``, which refuses to run pickled
+code. A file that needs full unpickling is refused with a message unless the caller passes ``trust=True``
+(the scripts' ``--trust_checkpoint`` flag).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (missing, truncated, unsafe, or without the expected keys)."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write ``state`` to ``path`` atomically: a temp file in the same folder, flushed to disk, then renamed.
+
+    A reader (or a kill during the save) sees either the previous file or the complete new one, never a partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike, trust: bool = False, map_location: str = "cpu") -> Any:
+    """Load a checkpoint safely. Raises :class:`CheckpointError` with a one-line explanation when the file is
+    missing, truncated or corrupt, or needs pickle (unless ``trust=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} holds Python objects that only full unpickling can load, which may run arbitrary code; "
+            "refusing it. If you trust this file, pass --trust_checkpoint"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupt ({str(exc).splitlines()[0]})") from exc
+
+
+def restart_from_checkpoint(path: str | os.PathLike, run_variables: dict | None = None, **objects: Any) -> bool:
+    """Resume from ``path`` if it exists: every keyword object gets ``load_state_dict(checkpoint[key])``, and every
+    key of ``run_variables`` present in the checkpoint is copied into it. Returns whether a checkpoint was found."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    checkpoint = load_checkpoint(path)
+    for key, obj in objects.items():
+        if obj is None:
+            continue
+        if key not in checkpoint:
+            raise CheckpointError(f"{path} has no {key!r} entry (it has: {', '.join(sorted(checkpoint))})")
+        obj.load_state_dict(checkpoint[key])
+    if run_variables is not None:
+        for key in run_variables:
+            if key in checkpoint:
+                run_variables[key] = checkpoint[key]
+    return True

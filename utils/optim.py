@@ -1,0 +1,97 @@
+"""Optimisation pieces: parameter groups, the optimiser, AMP, gradient clipping, the teacher's EMA."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def get_params_groups(model: nn.Module) -> list[dict]:
+    """Two groups: weights that get weight decay, and biases / norm parameters (any 1-D tensor) that do not.
+
+    Frozen parameters (``requires_grad=False``) are left out. The first group is the regularised one, so that the
+    weight-decay schedule can set ``param_groups[0]["weight_decay"]``.
+    """
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (not_regularized if name.endswith(".bias") or param.ndim <= 1 else regularized).append(param)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+def build_optimizer(name: str, param_groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW (default, fused kernel where supported) or SGD with momentum 0.9 (foreach kernel); lr is set per step."""
+    params = [p for g in param_groups for p in g["params"]]
+    fused = all(p.device.type in ("cuda", "cpu") for p in params) and len(params) > 0
+    if name == "adamw":
+        try:
+            return torch.optim.AdamW(param_groups, lr=0.0, fused=fused)
+        except (RuntimeError, TypeError):
+            return torch.optim.AdamW(param_groups, lr=0.0, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=0.0, momentum=0.9, foreach=True)
+    raise ValueError(f"unknown --optimizer {name!r}: use adamw or sgd")
+
+
+def set_schedule_values(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """Every group gets ``lr``; the first (regularised) group gets ``weight_decay``."""
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = lr
+        if i == 0:
+            group["weight_decay"] = weight_decay
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` → ``bf16`` on a CUDA device that supports it, ``fp16`` on an older one, ``fp32`` on the CPU
+    (bf16 autocast is several times slower on CPUs without bf16 units)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for ``precision`` in {fp32, fp16, bf16} on ``device`` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 (loss scaling against underflow), None otherwise."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the global L2 norm of all gradients to ``max_norm`` (0 = no clipping); returns the norm before clipping.
+
+    One fused global norm over all tensors (the official code clips each tensor separately, which changes the
+    direction of the update; a global norm does not).
+    """
+    grads = [p for p in parameters if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in grads])))
+
+
+def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
+    """During the first ``freeze_last_layer`` epochs the head's last layer is not updated (DINO's trick)."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, param in model.named_parameters():
+        if "last_layer" in name:
+            param.grad = None
+
+
+@torch.no_grad()
+def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], momentum: float) -> None:
+    """``teacher = momentum * teacher + (1 - momentum) * student`` for every pair, in one foreach call."""
+    torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
