@@ -11,27 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
 
-from utils import cosine_scheduler
-from utils.augment import DataAugmentationDINO, eval_transform
-from utils.checkpoint import restart_from_checkpoint, save_checkpoint
 from utils.cli import UsageError, bool_flag, user_errors
-from utils.data_setup import prepare_data_path
-from utils.datasets import build_image_dataset, has_labels
-from utils.distributed import cleanup, init_distributed_mode
-from utils.knn_online import evaluate_knn
 from utils.loss import DINOLoss
-from utils.models import ARCH_ALIASES, build_dino_models, count_parameters
-from utils.monitoring import TensorBoard, append_json_line, flags_as_markdown, format_duration, log
-from utils.optim import build_grad_scaler, build_optimizer, get_params_groups, resolve_precision
-from utils.schedules import teacher_momentum_schedule
-from utils.training import DINOState, train_one_epoch
+from utils.models import ARCH_ALIASES
+from utils.pretraining import train_dino
 
 __all__ = ["DINOLoss", "get_args_parser", "main", "train_dino"]
 
@@ -165,6 +151,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--max_nonfinite", default=10, type=int, help="stop after this many consecutive non-finite losses"
     )
+    data.add_argument(
+        "--checkpoint_every",
+        default=0,
+        type=int,
+        help="also save checkpoint.pth every this many iterations (0: at epoch ends only); a rerun resumes exactly",
+    )
+    data.add_argument(
+        "--deterministic", action="store_true", help="deterministic kernels: a resumed run matches an uninterrupted one"
+    )
     data.add_argument("-h", "--help", action="help", help="show this help and exit")
     return parser
 
@@ -195,188 +190,11 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError("; ".join(problems))
 
 
-def build_train_loader(args, dataset, ctx) -> DataLoader:
-    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed)
-    loader = DataLoader(
-        dataset,
-        sampler=sampler,
-        batch_size=args.batch_size_per_gpu,
-        num_workers=args.num_workers,
-        pin_memory=ctx.device.type == "cuda",
-        drop_last=True,
-        persistent_workers=args.num_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed + ctx.rank),
-    )
-    if len(loader) == 0:
-        raise UsageError(
-            f"the dataset has {len(dataset)} images, fewer than one batch of {args.batch_size_per_gpu} per process x "
-            f"{ctx.world_size} processes: lower --batch_size_per_gpu"
-        )
-    return loader
-
-
-def train_dino(args: argparse.Namespace) -> dict:
-    """The whole pretraining run; returns the final record (what ``log.txt``'s last line holds)."""
-    validate_args(args)
-    ctx = init_distributed_mode(args.device, timeout_s=args.dist_timeout)
-    torch.manual_seed(args.seed)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if ctx.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    data_path = prepare_data_path(args.dataset, args.data_path, args.download, is_main=ctx.is_main)
-    augmentation = DataAugmentationDINO(
-        args.global_crops_scale,
-        args.local_crops_scale,
-        args.local_crops_number,
-        args.global_crop_size,
-        args.local_crop_size,
-    )
-    dataset = build_image_dataset(data_path, "train", transform=augmentation)
-    loader = build_train_loader(args, dataset, ctx)
-    log(
-        f"data: {len(dataset)} training images from {data_path}, {len(loader)} iterations per epoch on "
-        f"{ctx.world_size} process(es), device {ctx.device}"
-    )
-
-    student, teacher = build_dino_models(args)
-    student, teacher = student.to(ctx.device), teacher.to(ctx.device)
-    student_module = student
-    if ctx.world_size > 1:
-        student = DistributedDataParallel(student, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    n_backbone, n_head = count_parameters(student_module.backbone) / 1e6, count_parameters(student_module.head) / 1e6
-    log(f"model: {args.arch} (patch {args.patch_size}), {n_backbone:.2f} M backbone + {n_head:.2f} M head parameters")
-
-    precision = resolve_precision(args.precision, ctx.device)
-    dino_loss = DINOLoss(
-        args.out_dim,
-        args.local_crops_number + 2,
-        args.warmup_teacher_temp,
-        args.teacher_temp,
-        args.warmup_teacher_temp_epochs,
-        args.epochs,
-    ).to(ctx.device)
-    optimizer = build_optimizer(args.optimizer, get_params_groups(student_module))
-    scaler = build_grad_scaler(precision, ctx.device)
-    state = DINOState(
-        student,
-        teacher,
-        student_module,
-        dino_loss,
-        optimizer,
-        scaler,
-        ctx.device,
-        precision,
-        args.clip_grad,
-        args.freeze_last_layer,
-    )
-
-    niter = len(loader)
-    global_batch = args.batch_size_per_gpu * ctx.world_size
-    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
-    schedules = {
-        "lr": cosine_scheduler(args.lr * global_batch / 256.0, args.min_lr, args.epochs, niter, args.warmup_epochs),
-        "wd": cosine_scheduler(args.weight_decay, wd_end, args.epochs, niter),
-        "momentum": teacher_momentum_schedule(args.momentum_teacher, args.epochs, niter),
-    }
-
-    run = {"epoch": 0, "global_iter": 0, "knn_random_init": None}
-    checkpoint_path = output_dir / "checkpoint.pth"
-    if restart_from_checkpoint(
-        checkpoint_path,
-        run,
-        student=student_module,
-        teacher=teacher,
-        optimizer=optimizer,
-        scaler=scaler,
-        dino_loss=dino_loss,
-    ):
-        log(f"resumed from {checkpoint_path} at epoch {run['epoch']} (iteration {run['global_iter']})")
-    start_epoch = run["epoch"]
-
-    tb = TensorBoard(output_dir)
-    tb.text("flags", flags_as_markdown(vars(args)))
-    knn_data = knn_datasets(args, data_path)
-    if knn_data and run["knn_random_init"] is None and start_epoch == 0 and run["global_iter"] == 0:
-        run["knn_random_init"] = evaluate_knn(
-            teacher.backbone, *knn_data, ctx.device, args.batch_size_per_gpu, args.num_workers
-        )
-        log(f"k-NN of the random-init backbone: top-1 {run['knn_random_init']['top1']:.2f}%")
-
-    record: dict = {}
-    start_time = time.time()
-    max_iters = args.max_iters
-    for epoch in range(start_epoch, args.epochs):
-        if max_iters is not None and run["global_iter"] >= max_iters:
-            break
-        loader.sampler.set_epoch(epoch)
-        averages, run["global_iter"] = train_one_epoch(
-            state,
-            loader,
-            epoch,
-            schedules,
-            run["global_iter"],
-            tb,
-            args.print_freq,
-            args.max_nonfinite,
-            max_iters,
-            header=f"Epoch [{epoch}/{args.epochs}]",
-        )
-        epoch_done = run["global_iter"] >= (epoch + 1) * niter
-        record = {f"train_{k}": v for k, v in averages.items()} | {"epoch": epoch}
-        record["train_wd"] = record.pop("train_weight_decay", record.get("train_wd"))
-        last_epoch = epoch + 1 == args.epochs or (max_iters is not None and run["global_iter"] >= max_iters)
-        if knn_data and epoch_done and ((epoch + 1) % max(args.knn_every, 1) == 0 or last_epoch):
-            knn = evaluate_knn(teacher.backbone, *knn_data, ctx.device, args.batch_size_per_gpu, args.num_workers)
-            record |= {"knn_top1": knn["top1"], "knn_top5": knn["top5"]}
-            log(f"k-NN of the teacher after epoch {epoch}: top-1 {knn['top1']:.2f}%  top-5 {knn['top5']:.2f}%")
-        tb.scalars({k: v for k, v in record.items() if k != "epoch"}, epoch, prefix="epoch/")
-        checkpoint = {
-            "student": student_module.state_dict(),
-            "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "dino_loss": dino_loss.state_dict(),
-            "epoch": epoch + 1 if epoch_done else epoch,
-            "global_iter": run["global_iter"],
-            "knn_random_init": run["knn_random_init"],
-            "args": vars(args),
-        }
-        if scaler is not None:
-            checkpoint["scaler"] = scaler.state_dict()
-        if ctx.is_main:
-            save_checkpoint(checkpoint, checkpoint_path)
-            if epoch_done and args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-                save_checkpoint(checkpoint, output_dir / f"checkpoint{epoch:04d}.pth")
-        append_json_line(output_dir / "log.txt", record)
-        tb.flush()
-
-    tb.close()
-    log(f"training time {format_duration(time.time() - start_time)}")
-    final = record.get("knn_top1")
-    if final is not None and run["knn_random_init"] is not None:
-        log(f"k-NN top-1 on the val split: trained {final:.2f}%  vs random-init {run['knn_random_init']['top1']:.2f}%")
-    cleanup()
-    return record
-
-
-def knn_datasets(args, data_path):
-    """(train, val) datasets with the evaluation transform for the online k-NN, or None (no labels, no val, off)."""
-    if args.knn_every <= 0:
-        return None
-    transform = eval_transform(args.global_crop_size)
-    train = build_image_dataset(data_path, "train", transform=transform)
-    val = build_image_dataset(data_path, "val", transform=transform)
-    if val is None or not has_labels(train) or not has_labels(val):
-        log("online k-NN off: it needs labelled train/ and val/ splits")
-        return None
-    return train, val
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("DINO", parents=[get_args_parser()], add_help=False)
     args = parser.parse_args(argv)
     with user_errors():
+        validate_args(args)
         train_dino(args)
     return 0
 

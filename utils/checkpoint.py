@@ -71,21 +71,42 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False, map_location: 
         raise CheckpointError(f"{path} is truncated or corrupt ({str(exc).splitlines()[0]})") from exc
 
 
-def restart_from_checkpoint(path: str | os.PathLike, run_variables: dict | None = None, **objects: Any) -> bool:
-    """Resume from ``path`` if it exists: every keyword object gets ``load_state_dict(checkpoint[key])``, and every
-    key of ``run_variables`` present in the checkpoint is copied into it. Returns whether a checkpoint was found."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    checkpoint = load_checkpoint(path)
+def restore_state(checkpoint: dict, run_variables: dict | None = None, **objects: Any) -> None:
+    """Every keyword object gets ``load_state_dict(checkpoint[key])`` (None objects are skipped), and every key of
+    ``run_variables`` present in the checkpoint is copied into it."""
     for key, obj in objects.items():
         if obj is None:
             continue
         if key not in checkpoint:
-            raise CheckpointError(f"{path} has no {key!r} entry (it has: {', '.join(sorted(checkpoint))})")
+            raise CheckpointError(f"the checkpoint has no {key!r} entry (it has: {', '.join(sorted(checkpoint))})")
         obj.load_state_dict(checkpoint[key])
     if run_variables is not None:
         for key in run_variables:
             if key in checkpoint:
                 run_variables[key] = checkpoint[key]
+
+
+def restart_from_checkpoint(path: str | os.PathLike, run_variables: dict | None = None, **objects: Any) -> bool:
+    """Resume from ``path`` if it exists (see :func:`restore_state`). Returns whether a checkpoint was found."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    restore_state(load_checkpoint(path), run_variables, **objects)
     return True
+
+
+def resume_candidates(output_dir: str | os.PathLike, name: str = "checkpoint.pth") -> list[Path]:
+    """``checkpoint.pth`` then the periodic ``checkpointNNNN.pth`` files, newest first."""
+    folder = Path(output_dir)
+    periodic = sorted(folder.glob(f"{Path(name).stem}[0-9][0-9][0-9][0-9].pth"), reverse=True)
+    return [p for p in [folder / name, *periodic] if p.is_file()]
+
+
+def load_latest_checkpoint(output_dir: str | os.PathLike, warn=print) -> tuple[Path, Any] | None:
+    """The newest checkpoint of ``output_dir`` that loads; a truncated or corrupt one is reported and skipped."""
+    for path in resume_candidates(output_dir):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            warn(f"warning: skipping {exc}")
+    return None

@@ -176,3 +176,12 @@ def cleanup() -> None:
     """Destroy the process group, if any (end of a script)."""
     if is_dist():
         dist.destroy_process_group()
+
+
+def all_gather_objects(obj) -> list:
+    """Every process's ``obj`` (any picklable object), in rank order; ``[obj]`` when running alone."""
+    if not is_dist():
+        return [obj]
+    gathered: list = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -85,6 +85,7 @@ def extract_features(
         sampler=StridedSampler(len(dataset), rank, world),
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),  # evaluating must not consume the training run's global RNG
     )
     was_training = model.training
     model.eval()

@@ -1,0 +1,303 @@
+"""The DINO pretraining run: set-up from the flags, resume, the epoch loop, checkpoints, evaluations and logs.
+
+``main_dino.py`` parses the flags and calls :func:`train_dino`; everything a run does is here, in small methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from utils import cosine_scheduler
+from utils.augment import DataAugmentationDINO, eval_transform
+from utils.checkpoint import load_latest_checkpoint, restore_state, save_checkpoint
+from utils.cli import UsageError
+from utils.data_setup import prepare_data_path
+from utils.datasets import build_image_dataset, has_labels
+from utils.distributed import DistributedContext, all_gather_objects, cleanup, init_distributed_mode
+from utils.knn_online import evaluate_knn
+from utils.loss import DINOLoss
+from utils.models import build_dino_models, count_parameters
+from utils.monitoring import TensorBoard, append_json_line, flags_as_markdown, format_duration, log
+from utils.optim import build_grad_scaler, build_optimizer, get_params_groups, resolve_precision
+from utils.reproducibility import capture_rng_state, restore_rng_state, set_deterministic
+from utils.sampling import ResumableSampler, SeededSamples
+from utils.schedules import teacher_momentum_schedule
+from utils.signals import StopRequest
+from utils.training import CollapseMonitor, DINOState, EpochPlan, train_one_epoch
+
+
+def build_train_loader(args, dataset, ctx: DistributedContext) -> DataLoader:
+    """Multi-crop batches ``(crops, labels, n_skipped)``: resumable, seeded per sample, skipping bad images."""
+    sampler = ResumableSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, seed=args.seed)
+    loader = DataLoader(
+        SeededSamples(dataset, args.seed, ctx.rank),
+        sampler=sampler,
+        batch_size=args.batch_size_per_gpu,
+        num_workers=args.num_workers,
+        pin_memory=ctx.device.type == "cuda",
+        drop_last=True,
+        persistent_workers=args.num_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed),  # the loader's own draws never touch the global RNG
+    )
+    if len(loader) == 0:
+        raise UsageError(
+            f"the dataset has {len(dataset)} images, fewer than one batch of {args.batch_size_per_gpu} per process x "
+            f"{ctx.world_size} processes: lower --batch_size_per_gpu"
+        )
+    return loader
+
+
+def knn_datasets(args, data_path):
+    """(train, val) datasets with the evaluation transform for the online k-NN, or None (no labels, no val, off)."""
+    if args.knn_every <= 0:
+        return None
+    transform = eval_transform(args.global_crop_size)
+    train = build_image_dataset(data_path, "train", transform=transform)
+    val = build_image_dataset(data_path, "val", transform=transform)
+    if val is None or not has_labels(train) or not has_labels(val):
+        log("online k-NN off: it needs labelled train/ and val/ splits")
+        return None
+    return train, val
+
+
+class DINOPretraining:
+    """One pretraining run. ``run()`` trains from wherever ``output_dir`` left off and returns the last record."""
+
+    def __init__(self, args: argparse.Namespace, ctx: DistributedContext):
+        self.args, self.ctx = args, ctx
+        self.output_dir = Path(args.output_dir)
+        self.data_path = prepare_data_path(args.dataset, args.data_path, args.download, is_main=ctx.is_main)
+        augmentation = DataAugmentationDINO(
+            args.global_crops_scale,
+            args.local_crops_scale,
+            args.local_crops_number,
+            args.global_crop_size,
+            args.local_crop_size,
+        )
+        self.dataset = build_image_dataset(self.data_path, "train", transform=augmentation)
+        self.loader = build_train_loader(args, self.dataset, ctx)
+        self.niter = len(self.loader)
+        log(
+            f"data: {len(self.dataset)} training images from {self.data_path}, {self.niter} iterations per epoch on "
+            f"{ctx.world_size} process(es), device {ctx.device}"
+        )
+        self._build_models()
+        self._build_schedules()
+        self.run_state = {"epoch": 0, "iter_in_epoch": 0, "global_iter": 0, "knn_random_init": None}
+        self.tb = TensorBoard(self.output_dir)
+        self.knn_data = knn_datasets(args, self.data_path)
+        self.collapse = CollapseMonitor(args.out_dim)
+
+    def _build_models(self) -> None:
+        args, ctx = self.args, self.ctx
+        student, self.teacher = build_dino_models(args)
+        self.student_module, self.teacher = student.to(ctx.device), self.teacher.to(ctx.device)
+        self.student = self.student_module
+        if ctx.world_size > 1:
+            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            self.student = DistributedDataParallel(self.student_module, device_ids=ids)
+        n_backbone = count_parameters(self.student_module.backbone) / 1e6
+        n_head = count_parameters(self.student_module.head) / 1e6
+        log(f"model: {args.arch} (patch {args.patch_size}), {n_backbone:.2f} M backbone + {n_head:.2f} M head params")
+        precision = resolve_precision(args.precision, ctx.device)
+        self.dino_loss = DINOLoss(
+            args.out_dim,
+            args.local_crops_number + 2,
+            args.warmup_teacher_temp,
+            args.teacher_temp,
+            args.warmup_teacher_temp_epochs,
+            args.epochs,
+        ).to(ctx.device)
+        self.optimizer = build_optimizer(args.optimizer, get_params_groups(self.student_module))
+        self.scaler = build_grad_scaler(precision, ctx.device)
+        self.state = DINOState(
+            self.student,
+            self.teacher,
+            self.student_module,
+            self.dino_loss,
+            self.optimizer,
+            self.scaler,
+            ctx.device,
+            precision,
+            args.clip_grad,
+            args.freeze_last_layer,
+        )
+
+    def _build_schedules(self) -> None:
+        args, niter = self.args, self.niter
+        global_batch = args.batch_size_per_gpu * self.ctx.world_size
+        wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+        self.schedules = {
+            "lr": cosine_scheduler(args.lr * global_batch / 256.0, args.min_lr, args.epochs, niter, args.warmup_epochs),
+            "wd": cosine_scheduler(args.weight_decay, wd_end, args.epochs, niter),
+            "momentum": teacher_momentum_schedule(args.momentum_teacher, args.epochs, niter),
+        }
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def checkpoint_state(self, epoch: int, iter_in_epoch: int, global_iter: int) -> dict:
+        """Everything the run depends on, with every process's RNG state (gathered: a collective call)."""
+        rng_states = all_gather_objects(capture_rng_state())
+        state = {
+            "student": self.student_module.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "dino_loss": self.dino_loss.state_dict(),
+            "epoch": epoch,
+            "iter_in_epoch": iter_in_epoch,
+            "global_iter": global_iter,
+            "world_size": self.ctx.world_size,
+            "rng": rng_states,
+            "knn_random_init": self.run_state["knn_random_init"],
+            "nonfinite_steps": self.state.nonfinite_steps,
+            "args": vars(self.args),
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def save(self, epoch: int, iter_in_epoch: int, global_iter: int, keep_copy: bool = False) -> None:
+        """Write ``checkpoint.pth`` (rank 0, atomically); an epoch-end save may also keep ``checkpointNNNN.pth``."""
+        if iter_in_epoch >= self.niter:  # an epoch-end position is the next epoch's start
+            epoch, iter_in_epoch = epoch + 1, 0
+        state = self.checkpoint_state(epoch, iter_in_epoch, global_iter)
+        if self.ctx.is_main:
+            save_checkpoint(state, self.output_dir / "checkpoint.pth")
+            if keep_copy:
+                save_checkpoint(state, self.output_dir / f"checkpoint{epoch - 1:04d}.pth")
+
+    def resume(self) -> bool:
+        """Restore the newest good checkpoint of ``output_dir``, if any."""
+        found = load_latest_checkpoint(self.output_dir, warn=log)
+        if found is None:
+            return False
+        path, checkpoint = found
+        restore_state(
+            checkpoint,
+            self.run_state,
+            student=self.student_module,
+            teacher=self.teacher,
+            optimizer=self.optimizer,
+            scaler=self.scaler,
+            dino_loss=self.dino_loss,
+        )
+        self.state.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
+        rng = checkpoint.get("rng")
+        if rng and len(rng) == self.ctx.world_size:
+            self._rng_to_restore = rng[self.ctx.rank]
+        elif rng:
+            log(
+                f"note: {path} was written by {len(rng)} process(es), this run has {self.ctx.world_size}: "
+                "training resumes, but not bit for bit"
+            )
+        log(
+            f"resumed from {path} at epoch {self.run_state['epoch']}, iteration {self.run_state['iter_in_epoch']} "
+            f"of the epoch ({self.run_state['global_iter']} in all)"
+        )
+        return True
+
+    # ---- the run -------------------------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        a = self.args
+        return evaluate_knn(self.teacher.backbone, *self.knn_data, self.ctx.device, a.batch_size_per_gpu, a.num_workers)
+
+    def run(self) -> dict:
+        args = self.args
+        self._rng_to_restore = None
+        resumed = self.resume()
+        self.tb.text("flags", flags_as_markdown(vars(args)))
+        if self.knn_data and not resumed:
+            self.run_state["knn_random_init"] = self.evaluate()
+            log(f"k-NN of the random-init backbone: top-1 {self.run_state['knn_random_init']['top1']:.2f}%")
+        if self._rng_to_restore is not None:
+            restore_rng_state(self._rng_to_restore)
+        stop_request = StopRequest()
+        record: dict = {}
+        start_time = time.time()
+        try:
+            record = self._epochs(stop_request)
+        finally:
+            stop_request.restore()
+            self.tb.close()
+        log(f"training time {format_duration(time.time() - start_time)}")
+        random_init = self.run_state["knn_random_init"]
+        if record.get("knn_top1") is not None and random_init is not None:
+            log(
+                f"k-NN top-1 on the val split: trained {record['knn_top1']:.2f}%  vs random-init "
+                f"{random_init['top1']:.2f}%"
+            )
+        return record
+
+    def _epochs(self, stop_request: StopRequest) -> dict:
+        args, rs = self.args, self.run_state
+        record: dict = {}
+        for epoch in range(rs["epoch"], args.epochs):
+            if args.max_iters is not None and rs["global_iter"] >= args.max_iters:
+                break
+            start_iter = rs["iter_in_epoch"] if epoch == rs["epoch"] else 0
+            self.loader.sampler.set_epoch(epoch, start=start_iter * args.batch_size_per_gpu)
+            plan = EpochPlan(
+                epoch,
+                rs["global_iter"],
+                start_iter,
+                args.max_iters,
+                args.checkpoint_every,
+                args.print_freq,
+                args.max_nonfinite,
+                header=f"Epoch [{epoch}/{args.epochs}]",
+            )
+            result = train_one_epoch(
+                self.state,
+                self.loader,
+                plan,
+                self.schedules,
+                self.tb,
+                save=self.save,
+                stop_request=stop_request,
+                collapse=self.collapse,
+            )
+            rs["global_iter"] = result.global_iter
+            record = {f"train_{k}": v for k, v in result.averages.items()} | {"epoch": epoch}
+            record["train_wd"] = record.pop("train_weight_decay", record.get("train_wd"))
+            if result.bad_images:
+                log(f"epoch {epoch}: skipped {result.bad_images} unreadable image(s)")
+            if result.stop_signal:
+                log(f"stop requested ({stop_request.signal_name}): checkpoint saved at iteration {rs['global_iter']}")
+                return record
+            if not result.finished:  # --max_iters reached mid-epoch
+                self.save(epoch, start_iter + (result.global_iter - plan.global_iter), result.global_iter)
+                return record
+            self._end_of_epoch(epoch, record)
+        return record
+
+    def _end_of_epoch(self, epoch: int, record: dict) -> None:
+        args, rs = self.args, self.run_state
+        last = epoch + 1 == args.epochs or (args.max_iters is not None and rs["global_iter"] >= args.max_iters)
+        if self.knn_data and ((epoch + 1) % max(args.knn_every, 1) == 0 or last):
+            knn = self.evaluate()
+            record |= {"knn_top1": knn["top1"], "knn_top5": knn["top5"]}
+            log(f"k-NN of the teacher after epoch {epoch}: top-1 {knn['top1']:.2f}%  top-5 {knn['top5']:.2f}%")
+        self.tb.scalars({k: v for k, v in record.items() if k != "epoch"}, epoch, prefix="epoch/")
+        keep = bool(args.saveckp_freq) and (epoch + 1) % args.saveckp_freq == 0
+        self.save(epoch, self.niter, rs["global_iter"], keep_copy=keep)
+        append_json_line(self.output_dir / "log.txt", record)
+        self.tb.flush()
+
+
+def train_dino(args: argparse.Namespace) -> dict:
+    """The whole pretraining run; returns the final record (what ``log.txt``'s last line holds)."""
+    ctx = init_distributed_mode(args.device, timeout_s=args.dist_timeout)
+    set_deterministic(args.deterministic)
+    torch.manual_seed(args.seed)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if ctx.device.type == "cuda" and not args.deterministic:
+        torch.backends.cudnn.benchmark = True
+    try:
+        return DINOPretraining(args, ctx).run()
+    finally:
+        cleanup()
