@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-from PIL import Image
 
 from tests.conftest import ROOT, TINY_TRAIN_FLAGS
 from utils.checkpoint import load_checkpoint, load_latest_checkpoint, save_checkpoint
@@ -141,3 +140,183 @@ def test_sigterm_checkpoints_current_iteration_and_exits_zero(small_synthetic, t
     out = run_to_end(flags)
     assert "resumed from" in out
     assert load_checkpoint(out_dir / "checkpoint.pth")["global_iter"] == 10
+
+
+def tiny_state(clip_grad=3.0):
+    import argparse
+
+    from utils.loss import DINOLoss
+    from utils.models import build_dino_models
+    from utils.optim import build_optimizer, get_params_groups
+    from utils.training import DINOState
+
+    torch.manual_seed(0)
+    args = argparse.Namespace(
+        arch="vit_tiny",
+        patch_size=16,
+        global_crop_size=32,
+        drop_path_rate=0.0,
+        out_dim=32,
+        use_bn_in_head=False,
+        norm_last_layer=True,
+    )
+    student, teacher = build_dino_models(args)
+    optimizer = build_optimizer("adamw", get_params_groups(student))
+    loss = DINOLoss(32, 4, 0.04, 0.04, 0, 10)
+    return DINOState(
+        student, teacher, student, loss, optimizer, None, torch.device("cpu"), clip_grad=clip_grad, freeze_last_layer=0
+    )
+
+
+def crops(batch=4, poison=False):
+    views = [torch.randn(batch, 3, 32, 32) for _ in range(2)] + [torch.randn(batch, 3, 16, 16) for _ in range(2)]
+    if poison:
+        views[0][0, 0, 0, 0] = float("nan")
+    return views
+
+
+def test_non_finite_loss_skips_the_step_and_is_counted():
+    from utils.training import StepSchedule, train_step
+
+    state = tiny_state()
+    schedule = StepSchedule(lr=1e-3, weight_decay=0.04, momentum=0.9)
+    train_step(state, crops(), 0, schedule)
+    before = {k: v.clone() for k, v in state.student.state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in state.teacher.state_dict().items()}
+    stats = train_step(state, crops(poison=True), 0, schedule)
+    assert stats["skipped"] == 1.0 and state.nonfinite_steps == 1 and state.consecutive_nonfinite == 1
+    for k, v in state.student.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, v in state.teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+    assert torch.isfinite(state.loss.center).all()
+    stats = train_step(state, crops(), 0, schedule)  # training goes on, the streak resets
+    assert stats["skipped"] == 0.0 and state.consecutive_nonfinite == 0 and state.nonfinite_steps == 1
+    assert all(torch.isfinite(v).all() for v in state.student.state_dict().values())
+
+
+def test_run_stops_after_max_nonfinite_consecutive_losses():
+    import numpy as np
+
+    from utils.monitoring import TensorBoard
+    from utils.training import NONFINITE_ADVICE, EpochPlan, NonFiniteLossError, train_one_epoch
+
+    state = tiny_state()
+    loader = [(crops(poison=True), torch.zeros(4), torch.zeros(4, dtype=torch.long)) for _ in range(6)]
+    schedules = {"lr": np.full(10, 1e-3), "wd": np.full(10, 0.04), "momentum": np.full(10, 0.99)}
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses") as exc:
+        train_one_epoch(state, loader, EpochPlan(0, 0, max_nonfinite=3), schedules, TensorBoard(None))
+    assert "--precision" in str(exc.value) and "--lr" in NONFINITE_ADVICE and "--clip_grad" in NONFINITE_ADVICE
+    assert all(torch.isfinite(v).all() for v in state.student.state_dict().values())
+
+
+def test_corrupt_and_truncated_images_are_skipped_and_reported(small_synthetic, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_synthetic, data)
+    first_class = sorted((data / "train").iterdir())[0]
+    (first_class / "corrupt.JPEG").write_bytes(b"this is not a jpeg")
+    good = sorted(first_class.glob("*.JPEG"))[0].read_bytes()
+    (first_class / "truncated.JPEG").write_bytes(good[: len(good) // 3])
+    out = run_to_end(
+        [
+            *TINY_TRAIN_FLAGS,
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+            "--knn_every",
+            "0",
+            "--batch_size_per_gpu",
+            "6",
+        ]
+    )
+    assert "skipped 2 unreadable image(s)" in out
+    import json
+
+    record = json.loads((tmp_path / "run" / "log.txt").read_text().splitlines()[-1])
+    assert record["train_bad_images"] == 2
+
+
+def test_pickle_payload_checkpoint_in_output_dir_is_refused(small_synthetic, tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'PWNED'}",))
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"student": Payload()}, run / "checkpoint.pth")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "main_dino.py",
+            *TINY_TRAIN_FLAGS,
+            "--data_path",
+            str(small_synthetic),
+            "--output_dir",
+            str(run),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "--trust_checkpoint" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_when_one_rank_dies_the_other_exits_within_the_timeout(small_synthetic, tmp_path):
+    from tests.conftest import free_port
+
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        args = [
+            *TINY_TRAIN_FLAGS,
+            "--data_path",
+            str(small_synthetic),
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--epochs",
+            "50",
+            "--knn_every",
+            "0",
+            "--batch_size_per_gpu",
+            "4",
+            "--dist_timeout",
+            "30",
+        ]
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "main_dino.py", *args],
+                cwd=ROOT,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    for line in procs[0].stdout:  # wait until training runs
+        if line.startswith("Epoch ["):
+            break
+    procs[1].kill()
+    killed_at = time.time()
+    procs[0].communicate(timeout=120)
+    assert procs[0].returncode != 0
+    assert time.time() - killed_at < 30 + 15

@@ -7,6 +7,7 @@ code. A file that needs full unpickling is refused with a message unless the cal
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import zipfile
@@ -18,6 +19,14 @@ import torch
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (missing, truncated, unsafe, or without the expected keys)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that only full unpickling (which can run arbitrary code) would load."""
+
+
+#: Plain containers that the official DINO checkpoints hold besides tensors, safe to rebuild without running code.
+SAFE_GLOBALS = [argparse.Namespace]
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
@@ -61,9 +70,10 @@ def load_checkpoint(path: str | os.PathLike, trust: bool = False, map_location: 
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=not trust)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=not trust)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
+        raise UnsafeCheckpointError(
             f"{path} holds Python objects that only full unpickling can load, which may run arbitrary code; "
             "refusing it. If you trust this file, pass --trust_checkpoint"
         ) from exc
@@ -103,10 +113,13 @@ def resume_candidates(output_dir: str | os.PathLike, name: str = "checkpoint.pth
 
 
 def load_latest_checkpoint(output_dir: str | os.PathLike, warn=print) -> tuple[Path, Any] | None:
-    """The newest checkpoint of ``output_dir`` that loads; a truncated or corrupt one is reported and skipped."""
+    """The newest checkpoint of ``output_dir`` that loads; a truncated or corrupt one is reported and skipped.
+    An unsafe one (pickled code) is an error: a run must not silently start over beside it."""
     for path in resume_candidates(output_dir):
         try:
             return path, load_checkpoint(path)
+        except UnsafeCheckpointError:
+            raise
         except CheckpointError as exc:
             warn(f"warning: skipping {exc}")
     return None
