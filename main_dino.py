@@ -152,6 +152,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--max_nonfinite", default=10, type=int, help="stop after this many consecutive non-finite losses"
     )
     data.add_argument(
+        "--attn_every",
+        default=0,
+        type=int,
+        help="log the teacher's last-layer attention maps of 4 fixed images to TensorBoard every this many epochs",
+    )
+    data.add_argument(
         "--checkpoint_every",
         default=0,
         type=int,

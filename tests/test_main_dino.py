@@ -128,3 +128,27 @@ def test_two_process_gloo_run_completes(small_synthetic, tmp_path):
     records = read_log(out)
     assert [r["epoch"] for r in records] == [0, 1] and "knn_top1" in records[-1]
     assert load_checkpoint(out / "checkpoint.pth")["global_iter"] == 10  # 40 images / (4 x 2) per iteration
+
+
+def test_attn_every_writes_attention_images_to_tensorboard(small_synthetic, tmp_path):
+    out = tmp_path / "attn"
+    flags = [
+        *TINY_TRAIN_FLAGS,
+        "--data_path",
+        str(small_synthetic),
+        "--output_dir",
+        str(out),
+        "--knn_every",
+        "0",
+        "--epochs",
+        "2",
+        "--attn_every",
+        "1",
+    ]
+    assert main_dino.main(flags) == 0
+    _, acc = tensorboard_tags(out)
+    image_tags = acc.Tags()["images"]
+    assert sorted(image_tags) == [f"attention/image{i}" for i in range(4)]
+    events = acc.Images("attention/image0")
+    assert [e.step for e in events] == [0, 1]
+    assert events[0].width > 100 and events[0].height > 100

@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from utils import cosine_scheduler
+from utils.attention import attention_grid_for_tensorboard
 from utils.augment import DataAugmentationDINO, eval_transform
 from utils.checkpoint import load_latest_checkpoint, restore_state, save_checkpoint
 from utils.cli import UsageError
@@ -66,6 +67,18 @@ def knn_datasets(args, data_path):
     return train, val
 
 
+def attention_images(args, data_path, count: int = 4) -> torch.Tensor | None:
+    """A fixed set of ``count`` images ``[count, 3, S, S]`` (val split if any, else train; evenly spaced over the
+    split, so several classes show) whose attention maps go to TensorBoard every ``--attn_every`` epochs."""
+    if args.attn_every <= 0:
+        return None
+    transform = eval_transform(args.global_crop_size)
+    dataset = build_image_dataset(data_path, "val", transform=transform)
+    dataset = dataset if dataset is not None else build_image_dataset(data_path, "train", transform=transform)
+    step = max(len(dataset) // count, 1)
+    return torch.stack([dataset[i * step][0] for i in range(min(count, len(dataset)))])
+
+
 class DINOPretraining:
     """One pretraining run. ``run()`` trains from wherever ``output_dir`` left off and returns the last record."""
 
@@ -93,6 +106,7 @@ class DINOPretraining:
         self.tb = TensorBoard(self.output_dir)
         self.knn_data = knn_datasets(args, self.data_path)
         self.collapse = CollapseMonitor(args.out_dim)
+        self.attention_images = attention_images(args, self.data_path) if ctx.is_main else None
 
     def _build_models(self) -> None:
         args, ctx = self.args, self.ctx
@@ -283,6 +297,10 @@ class DINOPretraining:
             record |= {"knn_top1": knn["top1"], "knn_top5": knn["top5"]}
             log(f"k-NN of the teacher after epoch {epoch}: top-1 {knn['top1']:.2f}%  top-5 {knn['top5']:.2f}%")
         self.tb.scalars({k: v for k, v in record.items() if k != "epoch"}, epoch, prefix="epoch/")
+        if self.attention_images is not None and (epoch + 1) % args.attn_every == 0:
+            grids = attention_grid_for_tensorboard(self.teacher.backbone, self.attention_images)
+            for i, grid in enumerate(grids):
+                self.tb.image(f"attention/image{i}", grid, epoch)
         keep = bool(args.saveckp_freq) and (epoch + 1) % args.saveckp_freq == 0
         self.save(epoch, self.niter, rs["global_iter"], keep_copy=keep)
         append_json_line(self.output_dir / "log.txt", record)
