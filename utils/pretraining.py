@@ -281,7 +281,8 @@ class DINOPretraining:
             if result.bad_images:
                 log(f"epoch {epoch}: skipped {result.bad_images} unreadable image(s)")
             if result.stop_signal:
-                log(f"stop requested ({stop_request.signal_name}): checkpoint saved at iteration {rs['global_iter']}")
+                record["stop_signal"] = stop_request.signal_name or "another process's signal"
+                log(f"stop requested ({record['stop_signal']}): checkpoint saved at iteration {rs['global_iter']}")
                 return record
             if not result.finished:  # --max_iters reached mid-epoch
                 self.save(epoch, start_iter + (result.global_iter - plan.global_iter), result.global_iter)
@@ -308,7 +309,8 @@ class DINOPretraining:
 
 
 def train_dino(args: argparse.Namespace) -> dict:
-    """The whole pretraining run; returns the final record (what ``log.txt``'s last line holds)."""
+    """The whole pretraining run; returns the final record (what ``log.txt``'s last line holds). A run stopped by a
+    signal (after saving its checkpoint) returns a record with ``stop_signal`` set, so that a launcher can requeue."""
     ctx = init_distributed_mode(args.device, timeout_s=args.dist_timeout)
     set_deterministic(args.deterministic)
     torch.manual_seed(args.seed)
