@@ -39,6 +39,18 @@ TINY_TRAIN_FLAGS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread for in-process tests: the models here are tiny, and on a small (or shared) CPU OpenMP
+    threads spinning against data workers or other processes make such forwards many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def small_synthetic(tmp_path_factory) -> Path:
     """The embedded dataset at 4 train / 2 val images per class (40 / 20 images, 10 classes)."""

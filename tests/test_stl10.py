@@ -36,16 +36,6 @@ from utils.weights import build_pretrained_backbone
 S = 96  # STL-10 image side
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads spinning against other processes make tiny
-    forwards hundreds of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------------- helpers
 
 
