@@ -175,24 +175,44 @@ def crops(batch=4, poison=False):
     return views
 
 
-def test_non_finite_loss_skips_the_step_and_is_counted():
-    from utils.training import StepSchedule, train_step
+def test_non_finite_loss_skips_the_step_without_touching_the_weights():
+    from utils.training import STEP_FIELDS, StepSchedule, train_step
 
     state = tiny_state()
     schedule = StepSchedule(lr=1e-3, weight_decay=0.04, momentum=0.9)
     train_step(state, crops(), 0, schedule)
     before = {k: v.clone() for k, v in state.student.state_dict().items()}
     teacher_before = {k: v.clone() for k, v in state.teacher.state_dict().items()}
-    stats = train_step(state, crops(poison=True), 0, schedule)
-    assert stats["skipped"] == 1.0 and state.nonfinite_steps == 1 and state.consecutive_nonfinite == 1
+    optimizer_steps = [s["step"].clone() for s in state.optimizer.state.values()]
+    stats = dict(zip(STEP_FIELDS, train_step(state, crops(poison=True), 0, schedule).tolist()))
+    assert stats["skipped"] == 1.0
     for k, v in state.student.state_dict().items():
         assert torch.equal(v, before[k]), k
     for k, v in state.teacher.state_dict().items():
         assert torch.equal(v, teacher_before[k]), k
+    assert [s["step"] for s in state.optimizer.state.values()] == optimizer_steps  # Adam's step count too
     assert torch.isfinite(state.loss.center).all()
-    stats = train_step(state, crops(), 0, schedule)  # training goes on, the streak resets
-    assert stats["skipped"] == 0.0 and state.consecutive_nonfinite == 0 and state.nonfinite_steps == 1
+    stats = dict(zip(STEP_FIELDS, train_step(state, crops(), 0, schedule).tolist()))
+    assert stats["skipped"] == 0.0
+    assert not torch.equal(state.student.state_dict()["backbone.cls_token"], before["backbone.cls_token"])
     assert all(torch.isfinite(v).all() for v in state.student.state_dict().values())
+
+
+def test_non_finite_steps_are_counted_and_the_streak_resets():
+    import numpy as np
+
+    from utils.monitoring import TensorBoard
+    from utils.training import EpochPlan, train_one_epoch
+
+    state = tiny_state()
+    poison = [False, True, True, False, True, False]
+    loader = [(crops(poison=p), torch.zeros(4), torch.zeros(4, dtype=torch.long)) for p in poison]
+    schedules = {"lr": np.full(10, 1e-3), "wd": np.full(10, 0.04), "momentum": np.full(10, 0.99)}
+    result = train_one_epoch(
+        state, loader, EpochPlan(0, 0, max_nonfinite=3, print_freq=4), schedules, TensorBoard(None)
+    )
+    assert state.nonfinite_steps == 3 and state.consecutive_nonfinite == 0
+    assert result.averages["nonfinite_steps"] == 3.0 and result.finished
 
 
 def test_run_stops_after_max_nonfinite_consecutive_losses():

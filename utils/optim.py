@@ -92,6 +92,9 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
 
 
 @torch.no_grad()
-def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], momentum: float) -> None:
-    """``teacher = momentum * teacher + (1 - momentum) * student`` for every pair, in one foreach call."""
+def ema_update(
+    teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], momentum: float | torch.Tensor
+) -> None:
+    """``teacher = momentum * teacher + (1 - momentum) * student`` for every pair, in one foreach call.
+    ``momentum`` may be a 0-d device tensor (no host synchronisation)."""
     torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)

@@ -1,4 +1,9 @@
-"""One DINO training step and one epoch: forward the teacher and the student, the loss, the update, the EMA."""
+"""One DINO training step and one epoch: forward the teacher and the student, the loss, the update, the EMA.
+
+The step never waits for the device: whether a step's loss was finite is decided on the device (all processes agree
+through an all-reduce) and gates the optimiser (fused AdamW's ``found_inf``) and the EMA (a zero weight). The host
+reads the step's numbers only every ``print_freq`` iterations, at checkpoints and at the end of the epoch.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +54,16 @@ class DINOState:
         if len(teacher_params) != len(student_params):
             raise ValueError("student and teacher do not have the same parameters")
         self.ema_pairs = (teacher_params, student_params)
+        self.trainable = [p for p in self.student_module.parameters() if p.requires_grad]
+
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether the optimiser can skip a step from a device flag (fused kernels take ``found_inf``)."""
+        return self.scaler is None and bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+
+
+#: The numbers a step returns, in this order, as one device tensor (read by the host every few steps).
+STEP_FIELDS = ("loss", "grad_norm", "skipped", "teacher_mean_entropy", "teacher_sample_entropy")
 
 
 @dataclass(frozen=True)
@@ -60,16 +75,13 @@ class StepSchedule:
     momentum: float
 
 
-def train_step(
-    state: DINOState, crops: list[torch.Tensor], epoch: int, schedule: StepSchedule, stop: bool = False
-) -> dict[str, float]:
+def train_step(state: DINOState, crops: list[torch.Tensor], epoch: int, schedule: StepSchedule) -> torch.Tensor:
     """One DINO iteration on a batch of multi-crop views ``crops`` (``2 + n`` tensors ``[B, 3, S, S]``).
 
     The teacher sees the 2 global views, the student all views; the loss's gradient updates the student (gradient
     clipped to a global norm, the head's last layer frozen during the first epochs), then the teacher takes an EMA
-    step. A non-finite loss or gradient (on any process) skips the update and the EMA and is counted. Returns the
-    step's scalars (loss averaged over processes, gradient norm, collapse indicators), as floats; ``stop`` is 1 when
-    any process asked to stop (its ``stop`` argument), so that all stop after the same step.
+    step. A non-finite loss or gradient on any process skips the update, the EMA and the centre update everywhere.
+    Returns a device tensor with the :data:`STEP_FIELDS` (loss averaged over processes; ``skipped`` is 0 or 1).
     """
     set_schedule_values(state.optimizer, schedule.lr, schedule.weight_decay)
     crops = [c.to(state.device, non_blocking=True) for c in crops]
@@ -80,39 +92,37 @@ def train_step(
         loss = state.loss(student_output, teacher_output, epoch)
 
     state.optimizer.zero_grad(set_to_none=True)
-    params = [p for p in state.student_module.parameters() if p.requires_grad]
     if state.scaler is not None:
         state.scaler.scale(loss).backward()
         state.scaler.unscale_(state.optimizer)
     else:
         loss.backward()
-    grad_norm = clip_gradients(params, state.clip_grad)
+    grad_norm = clip_gradients(state.trainable, state.clip_grad).to(loss.device)
     cancel_gradients_last_layer(epoch, state.student_module, state.freeze_last_layer)
 
-    # One host synchronisation per step: the decision to update must agree across processes.
-    flags = torch.tensor([float(stop)], device=loss.device)
-    check = all_reduce_sum(torch.cat([loss.detach().float().view(1), grad_norm.float().to(loss.device).view(1), flags]))
-    loss_value, norm_value, stop_votes = check.tolist()
-    loss_value, norm_value = loss_value / get_world_size(), norm_value / get_world_size()  # the norm: same everywhere
-    result = {"loss": loss_value, "grad_norm": norm_value, "stop": float(stop_votes > 0)}
-    if not math.isfinite(loss_value) or (state.scaler is None and not math.isfinite(norm_value)):
-        # fp16's GradScaler handles non-finite gradients itself (it skips and lowers the scale); a non-finite loss
-        # is skipped in every precision: no optimiser step, no EMA, no centre update (see DINOLoss.update_center).
-        state.optimizer.zero_grad(set_to_none=True)
-        if state.scaler is not None:
-            state.scaler.update(state.scaler.get_scale() / 2)
-        state.nonfinite_steps += 1
-        state.consecutive_nonfinite += 1
-        return {**result, "skipped": 1.0}
+    local_bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+    summed = all_reduce_sum(torch.stack([loss.detach().float(), local_bad.float()]))
+    finite = summed[1] == 0
     if state.scaler is not None:
-        state.scaler.step(state.optimizer)  # skips the step itself when the unscaled gradients are not finite
+        state.scaler.step(state.optimizer)  # the scaler skips steps whose gradients are not finite
         state.scaler.update()
-    else:
+    elif state.skips_on_device:
+        state.optimizer.found_inf = (~finite).float()
         state.optimizer.step()
-    state.consecutive_nonfinite = 0
-    ema_update(state.ema_pairs[0], state.ema_pairs[1], schedule.momentum)
-    stats = {k: float(v) for k, v in state.loss.last_stats.items()}
-    return {**result, "skipped": 0.0, **stats}
+    elif bool(finite):  # an optimiser without a device-side skip: one host synchronisation
+        state.optimizer.step()
+    momentum = 1.0 + (schedule.momentum - 1.0) * finite.float()  # 1 (no EMA step) when the step was skipped
+    ema_update(state.ema_pairs[0], state.ema_pairs[1], momentum)
+    stats = state.loss.last_stats
+    return torch.stack(
+        [
+            summed[0] / get_world_size(),
+            grad_norm.float(),
+            (~finite).float(),
+            stats["teacher_mean_entropy"].float(),
+            stats["teacher_sample_entropy"].float(),
+        ]
+    )
 
 
 @dataclass
@@ -124,7 +134,7 @@ class EpochPlan:
     start_iter: int = 0  # iterations of this epoch already done (a mid-epoch resume)
     max_iters: int | None = None  # stop once the global count reaches this
     checkpoint_every: int = 0  # call ``save`` every this many global iterations (0: never mid-epoch)
-    print_freq: int = 10
+    print_freq: int = 10  # the host reads the steps' numbers (and honours stop signals) this often
     max_nonfinite: int = 10
     header: str = ""
 
@@ -134,8 +144,16 @@ class EpochResult:
     averages: dict[str, float]
     global_iter: int
     finished: bool  # the whole epoch was trained
-    stop_signal: bool  # a stop was requested (signal): the caller saves and exits
+    stop_signal: bool  # a stop was requested (signal): the checkpoint is saved, the caller exits
     bad_images: int
+
+
+@dataclass
+class _Pending:
+    """Steps run since the host last read their numbers."""
+
+    steps: list = field(default_factory=list)  # (global_iter, StepSchedule, device tensor, n_images)
+    bad_images: list = field(default_factory=list)
 
 
 def train_one_epoch(
@@ -151,15 +169,15 @@ def train_one_epoch(
     """One pass over ``loader`` (items ``(crops, labels, n_skipped)``) from ``plan.start_iter``.
 
     ``schedules`` holds per-iteration arrays ``lr``, ``wd``, ``momentum`` indexed by the global iteration.
-    ``save(epoch, iter_in_epoch, global_iter)`` is called every ``plan.checkpoint_every`` global iterations. The pass
-    ends early at ``plan.max_iters`` or when a stop is requested (on any process). Per-iteration scalars go to
-    TensorBoard under ``train/``.
+    ``save(epoch, iter_in_epoch, global_iter)`` is called every ``plan.checkpoint_every`` global iterations and when a
+    stop is requested (on any process; honoured at the next reading of the steps, every ``plan.print_freq``). The
+    pass ends early at ``plan.max_iters``. Per-iteration scalars go to TensorBoard under ``train/``.
     """
     niter = plan.start_iter + len(loader)
     end = niter if plan.max_iters is None else min(niter, plan.start_iter + plan.max_iters - plan.global_iter)
     meter = ProgressMeter(end, plan.header or f"Epoch {plan.epoch}", state.device, plan.print_freq, plan.start_iter)
-    teacher_temp = state.loss.teacher_temp(plan.epoch)
-    global_iter, iteration, bad_images, stopped = plan.global_iter, plan.start_iter, 0, False
+    reader = _StepReader(state, meter, tb, collapse, state.loss.teacher_temp(plan.epoch), plan.max_nonfinite)
+    global_iter, iteration, stopped = plan.global_iter, plan.start_iter, False
     for crops, _, n_skipped in loader:
         if iteration >= end:
             break
@@ -168,37 +186,78 @@ def train_one_epoch(
             float(schedules["wd"][global_iter]),
             float(schedules["momentum"][global_iter]),
         )
-        stats = train_step(state, crops, plan.epoch, schedule, stop=stop_request is not None and stop_request.requested)
-        if state.consecutive_nonfinite >= plan.max_nonfinite:
+        values = train_step(state, crops, plan.epoch, schedule)
+        reader.add(global_iter, schedule, values, crops[0].shape[0] * get_world_size(), n_skipped)
+        global_iter += 1
+        iteration += 1
+        checkpoint_due = bool(plan.checkpoint_every) and global_iter % plan.checkpoint_every == 0
+        if checkpoint_due or iteration % plan.print_freq == 0 or iteration >= end:
+            reader.read()
+            stopped = any_process_requested_stop(stop_request, state.device)
+            if save is not None and (checkpoint_due or stopped):
+                save(plan.epoch, iteration, global_iter)
+            if stopped:
+                break
+    reader.read()
+    averages = meter.averages()
+    averages["epoch_time_s"] = meter.elapsed()
+    averages["nonfinite_steps"] = float(state.nonfinite_steps)
+    averages["bad_images"] = float(reader.bad_images)
+    return EpochResult(averages, global_iter, iteration >= niter, stopped, reader.bad_images)
+
+
+def any_process_requested_stop(stop_request, device: torch.device) -> bool:
+    """Whether a stop signal reached any process (a collective call: every process must make it)."""
+    flag = torch.tensor([float(stop_request is not None and stop_request.requested)], device=device)
+    return bool(all_reduce_sum(flag)[0] > 0)
+
+
+class _StepReader:
+    """Collects the steps' device tensors and reads them all with one host synchronisation."""
+
+    def __init__(self, state, meter, tb, collapse, teacher_temp: float, max_nonfinite: int):
+        self.state, self.meter, self.tb, self.collapse = state, meter, tb, collapse
+        self.teacher_temp, self.max_nonfinite = teacher_temp, max_nonfinite
+        self.pending: list = []
+        self.bad_images = 0
+
+    def add(self, global_iter: int, schedule: StepSchedule, values: torch.Tensor, n_images: int, n_skipped) -> None:
+        self.pending.append((global_iter, schedule, values, n_images, n_skipped))
+
+    def read(self) -> None:
+        if not self.pending:
+            return
+        rows = torch.stack([values for _, _, values, _, _ in self.pending]).tolist()
+        for (global_iter, schedule, _, n_images, n_skipped), row in zip(self.pending, rows):
+            stats = dict(zip(STEP_FIELDS, row))
+            self._count(stats, global_iter)
+            self.bad_images += int(n_skipped.sum())
+            self.meter.update(n_images, loss=stats["loss"], lr=schedule.lr, wd=schedule.weight_decay)
+            scalars = {
+                **stats,
+                "lr": schedule.lr,
+                "weight_decay": schedule.weight_decay,
+                "teacher_momentum": schedule.momentum,
+                "teacher_temp": self.teacher_temp,
+                "images_per_s": self.meter.images_per_second(),
+            }
+            self.tb.scalars(scalars, global_iter, prefix="train/")
+            if self.collapse is not None and not stats["skipped"]:
+                self.collapse.update(stats)
+        self.pending.clear()
+
+    def _count(self, stats: dict, global_iter: int) -> None:
+        state = self.state
+        if not stats["skipped"]:
+            state.consecutive_nonfinite = 0
+            return
+        state.nonfinite_steps += 1
+        state.consecutive_nonfinite += 1
+        if state.consecutive_nonfinite >= self.max_nonfinite:
             raise NonFiniteLossError(
                 f"{state.consecutive_nonfinite} consecutive non-finite losses at iteration {global_iter}: stopping "
                 f"(the last checkpoint is intact). {NONFINITE_ADVICE}"
             )
-        bad_images += int(n_skipped.sum())
-        meter.update(crops[0].shape[0] * get_world_size(), loss=stats["loss"], lr=schedule.lr, wd=schedule.weight_decay)
-        scalars = {
-            **{k: v for k, v in stats.items() if k != "stop"},
-            "lr": schedule.lr,
-            "weight_decay": schedule.weight_decay,
-            "teacher_momentum": schedule.momentum,
-            "teacher_temp": teacher_temp,
-            "images_per_s": meter.images_per_second(),
-        }
-        tb.scalars(scalars, global_iter, prefix="train/")
-        if collapse is not None and stats["skipped"] == 0:
-            collapse.update(stats)
-        global_iter += 1
-        iteration += 1
-        stopped = stats["stop"] > 0
-        if save is not None and (stopped or (plan.checkpoint_every and global_iter % plan.checkpoint_every == 0)):
-            save(plan.epoch, iteration, global_iter)
-        if stopped:
-            break
-    averages = meter.averages()
-    averages["epoch_time_s"] = meter.elapsed()
-    averages["nonfinite_steps"] = float(state.nonfinite_steps)
-    averages["bad_images"] = float(bad_images)
-    return EpochResult(averages, global_iter, iteration >= niter, stopped, bad_images)
 
 
 class CollapseMonitor:
@@ -225,8 +284,6 @@ class CollapseMonitor:
         if kind is None or self.warned:
             return None
         self.warned = True
-        message = (
-            f"warning: the teacher's output has been {kind[0]} for {self.patience} steps (collapse): {kind[1]}"
-        )
+        message = f"warning: the teacher's output has been {kind[0]} for {self.patience} steps (collapse): {kind[1]}"
         log(message)
         return message
