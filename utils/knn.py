@@ -16,17 +16,21 @@ Metrics and weightings (``metric`` x ``weighting``):
   ``KNeighborsClassifier(n_neighbors=k, metric="euclidean", algorithm="brute")`` predictions.
 * ``"euclidean"`` + ``"distance"``: as above but votes weigh ``exp(-d / T)``, ``d`` the Euclidean distance.
 
-Tie rules (deterministic, identical to scikit-learn's brute-force search):
+Tie rules (deterministic, on any device and chunk size):
 
-* distance ties at the k-th neighbour: the training samples with the smallest indices are kept;
-* score ties between classes: the smallest class label ranks first (for top-1 and for top-5).
+* score ties between classes: the smallest class label ranks first (top-1 and top-5), as scikit-learn's mode;
+* distance ties between the k-th and (k+1)-th neighbour (an ambiguous neighbour set): the training samples with
+  the smallest indices are kept. scikit-learn keeps whichever its internal heap happens to keep (it depends on the
+  data order and on its threading; its docs warn about this), so we reproduce its predictions exactly whenever the
+  neighbour set is unambiguous (almost surely the case for continuous features).
 
 Exponential weights are shifted per test sample by the weight of its closest neighbour (the closest neighbour
 weighs exactly 1). This multiplies all class scores of a sample by one positive constant, so rankings and
 accuracies are those of the unshifted formula, but nothing overflows for small ``T`` or large distances.
 
 Memory: the test set is processed in chunks of ``chunk_size`` rows; the peak extra memory is
-``O(chunk_size * N)`` (one similarity block, by default about ``DEFAULT_BLOCK_BYTES``) plus one ``(N, D)`` copy of
+``O(chunk_size * N)`` (one similarity block, reused across chunks; by default about ``CPU_BLOCK_BYTES`` on CPU,
+``ACCELERATOR_BLOCK_BYTES`` on GPU, where bigger blocks keep the device busy) plus one ``(N, D)`` copy of
 the training features in the compute precision (normalised copy for ``"cosine"``, a cast for fp16/bf16 input).
 Similarities are computed in fp32 (fp64 if the features are fp64), whatever the input precision.
 """
@@ -40,17 +44,18 @@ import torch.nn.functional as F
 
 METRICS = ("cosine", "euclidean")
 WEIGHTINGS = ("distance", "uniform")
-DEFAULT_BLOCK_BYTES = 128 * 2**20  # target size of one (chunk_size, N) similarity block
+CPU_BLOCK_BYTES = 128 * 2**20  # target size of one (chunk_size, N) similarity block on CPU
+ACCELERATOR_BLOCK_BYTES = 1024 * 2**20  # ... on GPU (ImageNet: ~200 test rows per chunk against 1.28M train rows)
 MAX_TOPK = 5
 
 
-def default_chunk_size(num_train: int, element_bytes: int = 4, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
+def default_chunk_size(num_train: int, element_bytes: int = 4, block_bytes: int = CPU_BLOCK_BYTES) -> int:
     """Number of test rows per chunk so that one ``(rows, num_train)`` block takes about ``block_bytes`` bytes.
 
     Args:
         num_train: ``N``, the number of training samples (columns of the block).
         element_bytes: bytes per similarity element (4 for fp32, 8 for fp64).
-        block_bytes: memory budget of one block, in bytes.
+        block_bytes: memory budget of one block, in bytes (``CPU_BLOCK_BYTES`` or ``ACCELERATOR_BLOCK_BYTES``).
 
     Returns:
         An integer >= 1.
@@ -112,21 +117,25 @@ def prepare_train(
     return train, train.pow(2).sum(dim=1)
 
 
-def closeness(test_chunk: torch.Tensor, train: torch.Tensor, train_sq_norms: torch.Tensor | None) -> torch.Tensor:
+def closeness(
+    test_chunk: torch.Tensor, train: torch.Tensor, train_sq_norms: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rank-preserving closeness between test rows and training rows (larger = nearer).
 
     Args:
         test_chunk: ``(B, D)`` test features, already in compute precision (normalised for cosine).
         train: ``(N, D)`` output of :func:`prepare_train`.
         train_sq_norms: ``(N,)`` squared norms for euclidean, ``None`` for cosine.
+        out: optional contiguous ``(B, N)`` buffer to write into (reusing one buffer across chunks avoids
+            page-faulting a fresh block every chunk, ~25% of the CPU time).
 
     Returns:
         ``(B, N)``: the cosine similarity, or for euclidean ``2 x.y - |y|^2 = |x|^2 - |x - y|^2`` (the squared
         distance up to a per-row constant, the same surrogate scikit-learn ranks by).
     """
     if train_sq_norms is None:
-        return test_chunk @ train.T
-    return torch.addmm(train_sq_norms, test_chunk, train.T, beta=-1, alpha=2)
+        return torch.mm(test_chunk, train.T, out=out)
+    return torch.addmm(train_sq_norms, test_chunk, train.T, beta=-1, alpha=2, out=out)
 
 
 def _resolve_boundary_ties(block: torch.Tensor, kth: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,15 +157,46 @@ def _resolve_boundary_ties(block: torch.Tensor, kth: torch.Tensor, k: int) -> tu
     return block.gather(1, indices), indices
 
 
-def topk_smallest_index_ties(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _top_candidates(block: torch.Tensor, count: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` largest values per row, found through the maxima of groups of ``group`` adjacent columns.
+
+    The ``count`` groups with the largest maxima hold every value larger than the smallest of those maxima and at
+    least ``count`` values not smaller, so the ``count`` largest values among their columns are the ``count``
+    largest of the row (indices may differ only among equal values). One cheap ``amax`` pass replaces a full
+    ``topk`` pass over the block, roughly halving the selection time on CPU.
+
+    Args:
+        block: ``(B, N)`` with contiguous rows; requires ``N >= count``.
+        count: number of values wanted.
+        group: columns per group.
+
+    Returns:
+        ``(values, indices)``, both ``(B, count)``, values sorted in decreasing order.
+    """
+    num_rows, num_cols = block.shape
+    main = num_cols - num_cols % group
+    maxima = block[:, :main].unflatten(1, (-1, group)).amax(dim=2)
+    if main < num_cols:
+        maxima = torch.cat([maxima, block[:, main:].amax(dim=1, keepdim=True)], dim=1)
+    top_groups = maxima.topk(count, dim=1, sorted=False).indices
+    columns = (top_groups[:, :, None] * group + torch.arange(group, device=block.device)).flatten(1)
+    outside = columns >= num_cols  # past the end, in the last (partial) group
+    candidates = block.gather(1, columns.clamp(max=num_cols - 1)).masked_fill_(outside, -torch.inf)
+    values, positions = candidates.topk(count, dim=1, sorted=True)
+    return values, columns.gather(1, positions)
+
+
+def topk_smallest_index_ties(block: torch.Tensor, k: int, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """``k`` largest values per row; among equal values at the boundary, the smallest column indices win.
 
-    ``torch.topk`` alone breaks ties arbitrarily; we ask it for ``k + 1`` values, and only rows where the
+    ``torch.topk`` breaks ties arbitrarily; we find the ``k + 1`` largest values, and only rows where the
     k-th and (k+1)-th values are equal (an ambiguous neighbour set) are redone exactly.
 
     Args:
-        block: ``(B, N)`` closeness, ``1 <= k <= N``.
+        block: ``(B, N)`` closeness with contiguous rows, ``1 <= k <= N``.
         k: number of neighbours.
+        group: column group size of the candidate pre-selection (:func:`_top_candidates`), used when
+            ``N >= 4 * group * (k + 1)``; ``0`` disables it.
 
     Returns:
         ``(values, indices)``, both ``(B, k)``; the order of neighbours within a row is unspecified.
@@ -165,7 +205,10 @@ def topk_smallest_index_ties(block: torch.Tensor, k: int) -> tuple[torch.Tensor,
     if k == num_cols:
         indices = torch.arange(num_cols, device=block.device).expand(block.shape[0], -1)
         return block, indices
-    values, indices = block.topk(k + 1, dim=1, largest=True, sorted=True)
+    if group and num_cols >= 4 * group * (k + 1):
+        values, indices = _top_candidates(block, k + 1, group)
+    else:
+        values, indices = block.topk(k + 1, dim=1, largest=True, sorted=True)
     tied_rows = (values[:, k] == values[:, k - 1]).nonzero().squeeze(1)
     values, indices = values[:, :k].clone(), indices[:, :k].clone()
     if tied_rows.numel():
@@ -251,7 +294,7 @@ def iter_knn_scores(
         T: temperature of the exponential weights (``weighting="distance"`` only).
         metric: ``"cosine"`` or ``"euclidean"``.
         weighting: ``"distance"`` or ``"uniform"``.
-        chunk_size: test rows per chunk; ``None`` picks :func:`default_chunk_size`.
+        chunk_size: test rows per chunk; ``None`` picks :func:`default_chunk_size` for the device's budget.
 
     Yields:
         ``(start, scores)``: ``scores`` is ``(B, C)`` (fp32, fp64 for fp64 features) for test rows
@@ -264,16 +307,19 @@ def iter_knn_scores(
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"train_labels must lie in [0, {num_classes})")
     if chunk_size is None:
-        chunk_size = default_chunk_size(train.shape[0], torch.finfo(dtype).bits // 8)
+        budget = CPU_BLOCK_BYTES if device.type == "cpu" else ACCELERATOR_BLOCK_BYTES
+        chunk_size = default_chunk_size(train.shape[0], torch.finfo(dtype).bits // 8, budget)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    buffer = train.new_empty(min(chunk_size, test_features.shape[0]), train.shape[0])  # one block, reused
     for start in range(0, test_features.shape[0], chunk_size):
         chunk = test_features[start : start + chunk_size].to(device=device, dtype=dtype)
         if metric == "cosine":
             chunk, test_sq_norms = F.normalize(chunk, dim=1), None
         else:
             test_sq_norms = chunk.pow(2).sum(dim=1)
-        block = closeness(chunk, train, train_sq_norms)
+        block = closeness(chunk, train, train_sq_norms, out=buffer[: chunk.shape[0]])
         values, indices = topk_smallest_index_ties(block, k)
-        del block
         weights = neighbour_weights(values, test_sq_norms, T, weighting)
         yield start, vote(labels[indices], weights, num_classes)
 
