@@ -76,3 +76,35 @@ def test_looped_reference_loss_equals_vectorised_loss():
     a, b = DINOLoss(32, 5, 0.04, 0.04, 0, 1), DINOLoss(32, 5, 0.04, 0.04, 0, 1)
     student, teacher = torch.randn(15, 32), torch.randn(6, 32)
     torch.testing.assert_close(a(student, teacher, 0), looped_dino_loss(b, student, teacher, 0))
+
+
+def test_train_step_benchmark_quick_mode_emits_valid_json(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "step.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_train_step.py", "--quick", "--threads", "1", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == report
+    for key in (
+        "lean_step_s",
+        "official_step_s",
+        "images_per_s",
+        "outside_backbone_speedup",
+        "flops_per_step",
+        "matmul_peak_gflops",
+        "fraction_of_peak",
+        "official_phases_s",
+    ):
+        assert key in report
+    assert report["flops_per_step"] > 0 and report["images_per_s"]["lean"] > 0

@@ -1,0 +1,257 @@
+"""Benchmark one DINO training step: tinydino's lean step vs the official step's structure, on the same inputs.
+
+Reports per path the step time (median and spread over interleaved repeats), images/s and a per-phase split
+(teacher forward, student forward + loss, backward, optimiser incl. clipping, EMA); the FLOPs of one step
+(``torch.utils.flop_counter``), the achieved GFLOP/s and its ratio to a matmul peak measured in the same run; and the
+time outside the backbone (step minus the backbone's own forward and backward) of each path, as a ratio.
+
+    python benchmarks/bench_train_step.py                 # ViT-Tiny, 2 x 128 px + 2 x 64 px, batch 32, out_dim 65536
+    python benchmarks/bench_train_step.py --quick --json out.json
+
+The last line of stdout is the JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from utils.loss import DINOLoss  # noqa: E402
+from utils.models import build_dino_models  # noqa: E402
+from utils.optim import build_optimizer, get_params_groups, set_schedule_values  # noqa: E402
+from utils.reference_step import looped_dino_loss, reference_optimizer  # noqa: E402
+from utils.training import DINOState, StepSchedule, train_step  # noqa: E402
+
+FULL = {"global": 128, "local": 64, "batch": 32, "out_dim": 65536, "local_crops": 2, "repeats": 5, "warmup": 1}
+QUICK = {"global": 32, "local": 16, "batch": 4, "out_dim": 1024, "local_crops": 2, "repeats": 2, "warmup": 1}
+PHASES = ("teacher_forward", "student_forward_loss", "backward", "optimizer", "ema")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(cfg: dict, device: torch.device):
+    torch.manual_seed(0)
+    args = argparse.Namespace(
+        arch="vit_tiny",
+        patch_size=16,
+        global_crop_size=cfg["global"],
+        drop_path_rate=0.0,
+        out_dim=cfg["out_dim"],
+        use_bn_in_head=False,
+        norm_last_layer=True,
+    )
+    student, teacher = build_dino_models(args)
+    return (
+        student.to(device),
+        teacher.to(device),
+        DINOLoss(cfg["out_dim"], 2 + cfg["local_crops"], 0.04, 0.04, 0, 10).to(device),
+    )
+
+
+def make_crops(cfg: dict, device: torch.device) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    crops = [torch.randn(cfg["batch"], 3, cfg["global"], cfg["global"], generator=g) for _ in range(2)]
+    crops += [torch.randn(cfg["batch"], 3, cfg["local"], cfg["local"], generator=g) for _ in range(cfg["local_crops"])]
+    return [c.to(device) for c in crops]
+
+
+class Timer:
+    """Adds the wall time of each phase (synchronising the device around it)."""
+
+    def __init__(self, device):
+        self.device, self.times = device, dict.fromkeys(PHASES, 0.0)
+
+    def phase(self, name):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                sync(timer.device)
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                sync(timer.device)
+                timer.times[name] += time.perf_counter() - self.t0
+
+        return _Ctx()
+
+
+def official_step(parts, crops, timer: Timer) -> None:
+    """The official structure: looped loss, per-tensor AdamW, loss.item() every step, Python-loop EMA."""
+    student, teacher, loss_module, optimizer = parts
+    set_schedule_values(optimizer, 1e-4, 0.04)
+    with timer.phase("teacher_forward"), torch.no_grad():
+        teacher_output = teacher(crops[:2])
+    with timer.phase("student_forward_loss"):
+        loss = looped_dino_loss(loss_module, student(crops), teacher_output, 0)
+        loss.item()
+    with timer.phase("backward"):
+        optimizer.zero_grad()
+        loss.backward()
+    with timer.phase("optimizer"):
+        torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.grad is not None], 3.0, foreach=False)
+        optimizer.step()
+    with timer.phase("ema"), torch.no_grad():
+        for param_q, param_k in zip(student.parameters(), teacher.parameters()):
+            param_k.data.mul_(0.996).add_((1 - 0.996) * param_q.detach().data)
+
+
+def lean_step(state: DINOState, crops, timer: Timer) -> None:
+    """tinydino's step, timed as a whole (its phases are measured by :func:`lean_phases`)."""
+    with timer.phase("student_forward_loss"):
+        train_step(state, crops, 0, StepSchedule(1e-4, 0.04, 0.996))
+
+
+def backbone_time(student, teacher, crops, device) -> float:
+    """Seconds of the backbones' own work in a step: teacher forward (2 global views), student forward + backward."""
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        teacher.backbone(torch.cat(crops[:2]))
+    groups = [torch.cat(crops[:2]), torch.cat(crops[2:])] if len(crops) > 2 else [torch.cat(crops[:2])]
+    out = torch.cat([student.backbone(g) for g in groups])
+    out.float().sum().backward()
+    student.zero_grad(set_to_none=True)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def step_flops(state: DINOState, crops) -> int:
+    with FlopCounterMode(display=False) as counter:
+        train_step(state, crops, 0, StepSchedule(1e-4, 0.04, 0.996))
+    return counter.get_total_flops()
+
+
+def matmul_peak_gflops(device: torch.device, n: int, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": values}
+
+
+def run(cfg: dict, device: torch.device, peak_size: int = 2048) -> dict:
+    crops = make_crops(cfg, device)
+    student, teacher, loss_module = build(cfg, device)
+    lean_state = DINOState(
+        student,
+        teacher,
+        student,
+        loss_module,
+        build_optimizer("adamw", get_params_groups(student)),
+        None,
+        device,
+        clip_grad=3.0,
+        freeze_last_layer=0,
+    )
+    ref_student, ref_teacher, ref_loss = build(cfg, device)
+    official = (ref_student, ref_teacher, ref_loss, reference_optimizer(get_params_groups(ref_student)))
+    images = cfg["batch"]
+    for _ in range(cfg["warmup"]):
+        lean_step(lean_state, crops, Timer(device))
+        official_step(official, crops, Timer(device))
+        backbone_time(student, teacher, crops, device)
+    lean_times, official_times, backbone_times, official_phases = [], [], [], []
+    for _ in range(cfg["repeats"]):  # interleaved, so that background load hits every path alike
+        timer = Timer(device)
+        lean_step(lean_state, crops, timer)
+        lean_times.append(sum(timer.times.values()))
+        timer = Timer(device)
+        official_step(official, crops, timer)
+        official_times.append(sum(timer.times.values()))
+        official_phases.append(timer.times)
+        backbone_times.append(backbone_time(student, teacher, crops, device))
+    flops = step_flops(lean_state, crops)
+    peak = matmul_peak_gflops(device, peak_size)
+    lean, off, bb = statistics.median(lean_times), statistics.median(official_times), statistics.median(backbone_times)
+    return {
+        "config": {
+            **cfg,
+            "device": str(device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        },
+        "lean_step_s": summary(lean_times),
+        "official_step_s": summary(official_times),
+        "backbone_fwd_bwd_s": summary(backbone_times),
+        "official_phases_s": {k: statistics.median(p[k] for p in official_phases) for k in PHASES},
+        "images_per_s": {"lean": images / lean, "official": images / off},
+        "step_speedup": off / lean,
+        "outside_backbone_s": {"lean": max(lean - bb, 1e-9), "official": max(off - bb, 1e-9)},
+        "outside_backbone_speedup": max(off - bb, 1e-9) / max(lean - bb, 1e-9),
+        "flops_per_step": flops,
+        "achieved_gflops": flops / lean / 1e9,
+        "matmul_peak_gflops": peak,
+        "fraction_of_peak": flops / lean / 1e9 / peak,
+    }
+
+
+def print_table(report: dict) -> None:
+    print(
+        f"DINO training step, {report['config']['device']}, {report['config']['threads']} threads, "
+        f"batch {report['config']['batch']}, out_dim {report['config']['out_dim']}"
+    )
+    print(f"{'path':<10} {'step s (median)':>16} {'min':>8} {'max':>8} {'img/s':>8}")
+    for path in ("lean", "official"):
+        s = report[f"{path}_step_s"]
+        print(f"{path:<10} {s['median']:>16.3f} {s['min']:>8.3f} {s['max']:>8.3f} {report['images_per_s'][path]:>8.1f}")
+    print("official phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in report["official_phases_s"].items()))
+    print(
+        f"backbone fwd+bwd {report['backbone_fwd_bwd_s']['median']:.3f} s; outside the backbone: lean "
+        f"{report['outside_backbone_s']['lean']:.3f} s vs official {report['outside_backbone_s']['official']:.3f} s "
+        f"-> {report['outside_backbone_speedup']:.2f}x; whole step {report['step_speedup']:.2f}x"
+    )
+    print(
+        f"{report['flops_per_step'] / 1e9:.1f} GFLOP per step, {report['achieved_gflops']:.1f} GFLOP/s achieved, "
+        f"matmul peak {report['matmul_peak_gflops']:.1f} GFLOP/s -> {100 * report['fraction_of_peak']:.0f}% of peak"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (the test suite's smoke run)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats of each path")
+    parser.add_argument("--json", default=None, help="also write the JSON report to this file")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.repeats:
+        cfg["repeats"] = args.repeats
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run(cfg, torch.device(args.device), peak_size=512 if args.quick else 2048)
+    print_table(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
