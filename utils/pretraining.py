@@ -281,6 +281,8 @@ class DINOPretraining:
             if result.bad_images:
                 log(f"epoch {epoch}: skipped {result.bad_images} unreadable image(s)")
             if result.stop_signal:
+                if result.finished:  # the stop came on the epoch's last step: the epoch is complete, log it
+                    self._end_of_epoch(epoch, record)
                 record["stop_signal"] = stop_request.signal_name or "another process's signal"
                 log(f"stop requested ({record['stop_signal']}): checkpoint saved at iteration {rs['global_iter']}")
                 return record
