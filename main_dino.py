@@ -152,6 +152,21 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--max_nonfinite", default=10, type=int, help="stop after this many consecutive non-finite losses"
     )
     data.add_argument(
+        "--cache_images",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="decode the images once into a uint8 memory map (<data_path>/.tinydino_cache, rebuilt when the files "
+        "change); auto: when the decoded dataset fits 8 GiB",
+    )
+    data.add_argument("--cache_dir", default=None, type=str, help="where the decoded-image cache lives")
+    data.add_argument(
+        "--batched_aug",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="multi-crop augmentation of whole batches on the training device, from the cache (auto: whenever the "
+        "images are cached); off: the per-image PIL pipeline in data workers",
+    )
+    data.add_argument(
         "--attn_every",
         default=0,
         type=int,

@@ -152,3 +152,30 @@ def test_attn_every_writes_attention_images_to_tensorboard(small_synthetic, tmp_
     events = acc.Images("attention/image0")
     assert [e.step for e in events] == [0, 1]
     assert events[0].width > 100 and events[0].height > 100
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--cache_images", "on"], "decoded-image cache + batched augmentation"),
+        (["--cache_images", "on", "--batched_aug", "off"], "per-image augmentation in data workers from the cache"),
+        (["--cache_images", "off"], "(per-image augmentation in data workers)"),
+    ],
+)
+def test_data_pipelines(small_synthetic, tmp_path, capsys, flags, expected):
+    out = tmp_path / "run"
+    args = [
+        *TINY_TRAIN_FLAGS,
+        "--data_path",
+        str(small_synthetic),
+        "--output_dir",
+        str(out),
+        "--knn_every",
+        "0",
+        "--epochs",
+        "1",
+        *flags,
+    ]
+    assert main_dino.main(args) == 0
+    assert expected in capsys.readouterr().out
+    assert len(read_log(out)) == 1

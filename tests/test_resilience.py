@@ -77,9 +77,17 @@ def assert_bitwise_equal(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("num_workers", ["0", "2"])
-def test_sigkill_at_random_iterations_then_resume_is_bitwise_identical(small_synthetic, tmp_path, num_workers):
-    flags = [*RESUME_FLAGS, "--data_path", str(small_synthetic), "--num_workers", num_workers]
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        ["--cache_images", "off", "--num_workers", "0"],
+        ["--cache_images", "off", "--num_workers", "2"],
+        ["--cache_images", "on", "--batched_aug", "on"],
+    ],
+    ids=["per-image-0-workers", "per-image-2-workers", "cache-batched"],
+)
+def test_sigkill_at_random_iterations_then_resume_is_bitwise_identical(small_synthetic, tmp_path, pipeline):
+    flags = [*RESUME_FLAGS, "--data_path", str(small_synthetic), *pipeline]
     reference = tmp_path / "reference"
     run_to_end([*flags, "--output_dir", str(reference)])
     interrupted = tmp_path / "interrupted"

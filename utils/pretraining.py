@@ -16,11 +16,21 @@ from torch.utils.data import DataLoader
 from utils import cosine_scheduler
 from utils.attention import attention_grid_for_tensorboard
 from utils.augment import DataAugmentationDINO, eval_transform
+from utils.batched_augment import BatchedMultiCrop
 from utils.checkpoint import load_latest_checkpoint, restore_state, save_checkpoint
 from utils.cli import UsageError
 from utils.data_setup import prepare_data_path
 from utils.datasets import build_image_dataset, has_labels
-from utils.distributed import DistributedContext, all_gather_objects, cleanup, init_distributed_mode
+from utils.device_loader import CachedMultiCropLoader
+from utils.distributed import (
+    DistributedContext,
+    all_gather_objects,
+    barrier,
+    cleanup,
+    init_distributed_mode,
+    is_main_process,
+)
+from utils.image_cache import CachedImages, cached_image_dataset, default_cache_dir
 from utils.knn_online import evaluate_knn
 from utils.loss import DINOLoss
 from utils.models import build_dino_models, count_parameters
@@ -54,8 +64,9 @@ def build_train_loader(args, dataset, ctx: DistributedContext) -> DataLoader:
     return loader
 
 
-def knn_datasets(args, data_path):
-    """(train, val) datasets with the evaluation transform for the online k-NN, or None (no labels, no val, off)."""
+def knn_datasets(args, data_path, cache_dir=None):
+    """(train, val) datasets with the evaluation transform for the online k-NN, or None (no labels, no val, off).
+    With a cache folder, both read decoded pixels from it (the val split gets its own cache entry)."""
     if args.knn_every <= 0:
         return None
     transform = eval_transform(args.global_crop_size)
@@ -64,7 +75,65 @@ def knn_datasets(args, data_path):
     if val is None or not has_labels(train) or not has_labels(val):
         log("online k-NN off: it needs labelled train/ and val/ splits")
         return None
+    if cache_dir is not None:
+        train, val = open_cache(train, cache_dir, "train", transform), open_cache(val, cache_dir, "val", transform)
     return train, val
+
+
+#: Decoded size (bytes) up to which ``--cache_images auto`` caches: TinyImageNet's 100 000 images are 1.2 GB.
+AUTO_CACHE_BYTES = 8 * 2**30
+
+
+def resolve_image_cache(args, dataset, data_path, ctx: DistributedContext) -> Path | None:
+    """The cache folder to use (built by the main process, the others wait), or None when not caching.
+    ``auto`` caches datasets whose decoded pixels (estimated from the first image) fit :data:`AUTO_CACHE_BYTES`."""
+    if args.cache_images == "off":
+        return None
+    if args.cache_images == "auto":
+        from PIL import Image
+
+        with Image.open(dataset.samples[0][0]) as first:
+            width, height = first.size
+        if len(dataset) * width * height * 3 > AUTO_CACHE_BYTES:
+            return None
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(data_path)
+    if ctx.is_main:
+        cache = open_cache(dataset, cache_dir, "train", None)
+        skipped = f", {len(cache.skipped)} unreadable image(s) skipped" if cache.skipped else ""
+        log(f"image cache: {len(cache)} decoded images in {cache.path}{skipped}")
+    barrier()
+    return cache_dir
+
+
+def open_cache(dataset, cache_dir: Path, name: str, transform) -> CachedImages:
+    """The cached pixels of ``dataset`` (built on first use; a changed file list rebuilds it)."""
+    return cached_image_dataset(dataset, cache_dir, name=name, transform=transform, verbose=is_main_process())
+
+
+def build_cached_loader(args, dataset, cache_dir: Path, ctx: DistributedContext) -> CachedMultiCropLoader:
+    """The fast path: uint8 batches from the cache, augmented as whole batches on the training device."""
+    cache = open_cache(dataset, cache_dir, "train", None)
+    sampler = ResumableSampler(cache, num_replicas=ctx.world_size, rank=ctx.rank, seed=args.seed)
+    augment = BatchedMultiCrop(
+        args.global_crops_scale,
+        args.local_crops_scale,
+        args.local_crops_number,
+        args.global_crop_size,
+        args.local_crop_size,
+    )
+    on_device = (
+        ctx.device.type == "cuda"
+        and cache.images.nbytes < 0.25 * torch.cuda.get_device_properties(ctx.device).total_memory
+    )
+    loader = CachedMultiCropLoader(
+        cache, sampler, args.batch_size_per_gpu, augment, ctx.device, args.seed, ctx.rank, images_on_device=on_device
+    )
+    if len(loader) == 0:
+        raise UsageError(
+            f"the dataset has {len(cache)} images, fewer than one batch of {args.batch_size_per_gpu} per process x "
+            f"{ctx.world_size} processes: lower --batch_size_per_gpu"
+        )
+    return loader
 
 
 def attention_images(args, data_path, count: int = 4) -> torch.Tensor | None:
@@ -94,17 +163,25 @@ class DINOPretraining:
             args.local_crop_size,
         )
         self.dataset = build_image_dataset(self.data_path, "train", transform=augmentation)
-        self.loader = build_train_loader(args, self.dataset, ctx)
+        self.cache_dir = resolve_image_cache(args, self.dataset, self.data_path, ctx)
+        if self.cache_dir is not None and args.batched_aug != "off":
+            self.loader = build_cached_loader(args, self.dataset, self.cache_dir, ctx)
+            pipeline = f"decoded-image cache + batched augmentation on {ctx.device}"
+        else:
+            if self.cache_dir is not None:  # the per-image pipeline on cached pixels: no JPEG decoding
+                self.dataset = open_cache(self.dataset, self.cache_dir, "train", augmentation)
+            self.loader = build_train_loader(args, self.dataset, ctx)
+            pipeline = "per-image augmentation in data workers" + (" from the cache" if self.cache_dir else "")
         self.niter = len(self.loader)
         log(
-            f"data: {len(self.dataset)} training images from {self.data_path}, {self.niter} iterations per epoch on "
-            f"{ctx.world_size} process(es), device {ctx.device}"
+            f"data: {len(self.dataset)} training images from {self.data_path} ({pipeline}), {self.niter} iterations "
+            f"per epoch on {ctx.world_size} process(es), device {ctx.device}"
         )
         self._build_models()
         self._build_schedules()
         self.run_state = {"epoch": 0, "iter_in_epoch": 0, "global_iter": 0, "knn_random_init": None}
         self.tb = TensorBoard(self.output_dir)
-        self.knn_data = knn_datasets(args, self.data_path)
+        self.knn_data = knn_datasets(args, self.data_path, self.cache_dir)
         self.collapse = CollapseMonitor(args.out_dim)
         self.attention_images = attention_images(args, self.data_path) if ctx.is_main else None
 
