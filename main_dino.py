@@ -152,6 +152,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--max_nonfinite", default=10, type=int, help="stop after this many consecutive non-finite losses"
     )
     data.add_argument(
+        "--compile", action="store_true", help="torch.compile the student and teacher (slow start, faster steps)"
+    )
+    data.add_argument(
         "--cache_images",
         default="auto",
         choices=["auto", "on", "off"],

@@ -179,3 +179,26 @@ def test_data_pipelines(small_synthetic, tmp_path, capsys, flags, expected):
     assert main_dino.main(args) == 0
     assert expected in capsys.readouterr().out
     assert len(read_log(out)) == 1
+
+
+@pytest.mark.slow
+def test_compile_flag_trains(small_synthetic, tmp_path):
+    out = tmp_path / "compiled"
+    flags = [
+        *TINY_TRAIN_FLAGS,
+        "--data_path",
+        str(small_synthetic),
+        "--output_dir",
+        str(out),
+        "--knn_every",
+        "0",
+        "--epochs",
+        "1",
+        "--max_iters",
+        "2",
+        "--compile",
+    ]
+    assert main_dino.main(flags) == 0
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert ckpt["global_iter"] == 2
+    assert not any(k.startswith("_orig_mod") for k in ckpt["student"])  # plain keys, loadable without compile

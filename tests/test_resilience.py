@@ -348,3 +348,24 @@ def test_when_one_rank_dies_the_other_exits_within_the_timeout(small_synthetic, 
     procs[0].communicate(timeout=120)
     assert procs[0].returncode != 0
     assert time.time() - killed_at < 30 + 15
+
+
+def test_collapse_warning_after_a_sustained_constant_or_uniform_teacher():
+    import math
+
+    from utils.training import CollapseMonitor
+
+    healthy = {"teacher_mean_entropy": 5.0, "teacher_sample_entropy": 2.0}
+    constant = {"teacher_mean_entropy": 0.01, "teacher_sample_entropy": 0.01}
+    uniform = {"teacher_mean_entropy": math.log(1000), "teacher_sample_entropy": math.log(1000) - 0.01}
+    monitor = CollapseMonitor(out_dim=1000, patience=5)
+    assert [monitor.update(constant) for _ in range(4)] == [None] * 4
+    assert monitor.update(healthy) is None  # the streak is broken
+    assert [monitor.update(constant) for _ in range(4)] == [None] * 4
+    message = monitor.update(constant)
+    assert "constant" in message and "--lr" in message and "--momentum_teacher" in message
+    assert monitor.update(constant) is None  # warned once
+    monitor = CollapseMonitor(out_dim=1000, patience=3)
+    messages = [monitor.update(uniform) for _ in range(3)]
+    assert messages[:2] == [None, None] and "uniform" in messages[2] and "--teacher_temp" in messages[2]
+    assert all(CollapseMonitor(1000, 1).update(healthy) is None for _ in range(3))

@@ -15,50 +15,66 @@ Per view, in DINO's order (the per-image pipeline's, see ``utils/augment.py``):
    flip** (p 0.5) folded into it. The crop + resize + flip of sample ``b`` is ``R_y[b] @ image[b] @ R_x[b]^T`` with
    per-sample 1-D resampling matrices, two batched matrix products for the whole batch.
 
-   *Interpolation.* ``interpolation="bicubic"`` (the default) evaluates PIL's resampling: bicubic kernel with
-   ``a = -0.5``, support widened by the scale factor when shrinking (antialiasing), taps outside the crop dropped
-   and the remaining weights renormalised. It is what ``torch.nn.functional.interpolate(..., mode="bicubic",
-   antialias=True)`` (hence torchvision's tensor ``resized_crop(..., BICUBIC, antialias=True)``) computes on the
-   cropped image, to float rounding (~1e-6), and what PIL's ``Image.resize(..., BICUBIC)`` of the official recipe
-   computes except that PIL rounds to uint8 after each of its two 1-D passes (differences of 1-2 / 255); the result
-   is clamped to [0, 1] as PIL clips overshoots. ``interpolation="bilinear"`` uses the triangle kernel, equal to
-   torchvision's tensor ``resized_crop(..., BILINEAR)`` (plain bilinear when enlarging, antialiased when shrinking).
-   Sampling inside the crop only, as torchvision does (crop, then resize), is what ``roi_align`` and
-   ``grid_sample`` do not do: they blend pixels just outside the crop box into the border rows, and are bilinear
-   only (``grid_sample``'s bicubic uses ``a = -0.75`` and no antialiasing). Measured on one CPU core (64 px sources
-   → 128 px), the matrix products take about the time of ``roi_align`` / bilinear ``grid_sample`` and half that of
-   bicubic ``grid_sample``, so exactness costs nothing. The matrices are dense over the source image (``S x H`` and
-   ``S x W`` per sample), which is cheap for TinyImageNet's 64 px images; for large sources (>= 256 px) a
-   gather-based resampler would do less work.
+   *Interpolation.* The matrices hold PIL's resampling weights (the official recipe resizes with PIL): source
+   pixels at ``(s + 0.5) * scale``, kernel support widened by the shrink factor when shrinking (antialiasing), taps
+   outside the crop dropped and the remaining weights renormalised; width pass first, then height. With
+   ``interpolation="bicubic"`` (the default: PIL's bicubic, ``a = -0.5``) each pass is clipped to [0, 1] as PIL
+   clips it; the result equals PIL's ``crop(...).resize(..., BICUBIC)`` up to PIL's rounding to uint8 (measured:
+   within 1.1 / 255, 0.3 / 255 on average), and equals torchvision's tensor ``resize(..., BICUBIC,
+   antialias=True)`` (``interpolate(mode="bicubic", antialias=True)``, PIL's kernel too) applied one axis at a time
+   with the same clipping, to float rounding (~1e-6). Without the intermediate clip (a single 2-D torchvision
+   resize) bicubic overshoots at sharp edges make up to ~7 / 255 of difference with PIL. ``"bilinear"`` uses the
+   triangle kernel: equal to PIL's BILINEAR up to rounding and to torchvision's tensor ``resized_crop(...,
+   BILINEAR, antialias=True)`` to float rounding (plain bilinear when enlarging). ``roi_align`` and ``grid_sample``
+   were the alternatives considered: both are bilinear only (``grid_sample``'s bicubic uses ``a = -0.75`` and no
+   antialiasing), neither antialiases when shrinking, and both blend pixels just outside the crop box into its
+   border rows (torchvision and PIL crop first, then resize), up to 0.57 of the value range off on noise images;
+   measured on one (shared) CPU core, 32 crops of 64 px images to 128 px, interleaved: matrix products 281 µs per
+   crop bicubic (235 bilinear) vs ``roi_align`` 441, ``grid_sample`` 387 bilinear / 704 bicubic — exactness costs
+   nothing.
+   The matrices are dense over the source image (``S x H`` and ``S x W`` per sample): about 4.7 M multiply-adds
+   per 128 px view of a 64 px image, at the speed of large matrix products. A banded variant (blocks of 32 output
+   rows times the ~20 source rows they read, a third of the arithmetic) was measured no faster at these sizes (its
+   many small matrix products run far slower); for large sources (>= 256 px) a banded / gather resampler would win.
 
 2. **Colour jitter** with p 0.8 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1), the four operations in a
    random order per sample like torchvision's ``ColorJitter`` (a uniformly random permutation). Exact and
    vectorised in 4 passes: in pass ``k`` every sample applies the operation that is ``k``-th in its own order.
-   Brightness, contrast and saturation are all blends ``clamp(f * x + (1 - f) * target)`` (target 0, the mean grey
-   level, the grey image), computed for the whole batch at once with per-sample factors (factor 1 = identity for the
-   samples whose turn is hue or that are not jittered); hue is computed only for the samples whose turn it is, by a
-   vectorised RGB → HSV → RGB round trip (torchvision's tensor ``adjust_hue`` formulas). The grey level is
-   ``0.2989 R + 0.587 G + 0.114 B`` like torchvision's tensor ops (PIL uses 0.299 / 0.587 / 0.114 in integers, and
-   quantises the hue shift to 1/255 of the circle).
+   Brightness, contrast and saturation are blends ``clamp(f * x + (1 - f) * target)`` (target 0, the mean grey
+   level, the grey image), i.e. ``clamp(M x + c)`` with a per-sample 3 x 3 colour matrix and offset: one batched
+   matrix product per pass for the whole batch (the identity for the samples whose turn is hue or that are not
+   jittered). Hue is computed only for the samples whose turn it is, RGB → HSV → RGB with torchvision's tensor
+   formulas rewritten without branches (:func:`shift_hue`). The grey level is ``0.2989 R + 0.587 G + 0.114 B`` as
+   in torchvision's tensor ops (PIL: 0.299 / 0.587 / 0.114 in integer arithmetic; PIL's hue shift is also
+   quantised to 1/255 of a turn and its results rounded to uint8 after every operation).
 3. **Grayscale** with p 0.2 (the same grey level, on the 3 channels).
 4. **Gaussian blur** with per-sample sigma uniform in [0.1, 2.0], with p 1.0 on the first global view, 0.1 on the
    second and 0.5 on the local views; only the blurred samples are computed. The per-image pipeline uses PIL's
-   ``GaussianBlur(radius)``, whose ``radius`` is the standard deviation (PIL approximates the Gaussian by three
-   box blurs whose total variance is ``radius ** 2``, replicating edge pixels). Here: a true Gaussian of that sigma,
-   ``kernel_size = 2 * ceil(3 * sigma) + 1`` taps (the ±3 sigma support; 3 to 13 taps), reflect padding — what
-   torchvision's ``gaussian_blur(x, kernel_size, sigma)`` computes — as a separable per-sample convolution
-   (grouped convolution, one group per sample and channel).
-5. **Solarisation** with p 0.2 on the second global view only: values ``>= 128 / 255`` become ``1 - x``.
+   ``GaussianBlur(radius)``, whose ``radius`` is the standard deviation: PIL approximates the Gaussian by three
+   successive box blurs whose total variance is ``radius ** 2``, replicating the edge pixels. Here: a true Gaussian
+   of that sigma truncated at ±3 sigma, ``kernel_size = 2 * ceil(3 * sigma) + 1`` taps (3 to 13), reflect padding —
+   exactly torchvision's ``gaussian_blur(x, kernel_size, sigma)`` — as a separable per-sample convolution: the
+   samples sorted by kernel radius, grouped convolutions (a group per sample and channel) along each axis.
+5. **Solarisation** with p 0.2 on the second global view only: values ``>= 128 / 255`` become ``1 - x`` (PIL's
+   ``solarize`` at threshold 128).
 6. **ImageNet normalisation.**
 
 Everything runs in float32 on the images' device; parameters are drawn on the generator's device (the CPU for an
-integer seed), so a seed gives the same parameters on every device. Unlike the PIL pipeline, intermediate results
-are not rounded to uint8 after each operation.
+integer seed), so a seed gives the same parameters on every device, and the masks that pick samples are read there
+(no accelerator synchronisation). For fixed parameters every sample equals torchvision's functional ops applied to
+it one by one (to ~1e-6; ``tests/test_batched_augment.py``). Unlike the PIL pipeline, intermediate results are not
+rounded to uint8 after each operation.
+
+*CPU speed.* On a CPU the batch is processed in chunks of :data:`CPU_CHUNK` samples (working tensors of a few MB)
+whose working tensors are kept in a :class:`Workspace` between chunks and calls, because fresh multi-megabyte
+tensors cost page faults comparable to the arithmetic; per-channel operations use scalars, and the hue avoids
+``torch.where`` and channel reductions — both an order of magnitude slower than plain arithmetic in PyTorch's CPU
+kernels. See ``benchmarks/bench_augment.py`` for the comparison with the per-image pipeline.
 
 Use (training loop, one call per batch; see also ``benchmarks/bench_augment.py``)::
 
-    augment = BatchedMultiCrop(global_crops_scale, local_crops_scale, local_crops_number, 128, 64).to(device)
-    images = cache[indices].to(device, non_blocking=True)          # uint8 [B, 3, 64, 64]
+    augment = BatchedMultiCrop(global_crops_scale, local_crops_scale, local_crops_number, 128, 64)
+    images = cache[indices].to(device, non_blocking=True)          # uint8 [B, 3, 64, 64], decoded once
     crops = augment(images, sample_seed(seed, epoch, rank, step))  # list of 2 + n float [B, 3, S, S]
 """
 
@@ -75,11 +91,20 @@ from utils.augment import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "BatchedMultiCrop",
+    "Workspace",
     "apply_view",
+    "blur",
     "blur_kernel_size",
+    "color_jitter",
+    "gaussian_blur",
+    "grayscale",
+    "normalize",
     "resampling_matrices",
+    "resized_crop",
     "sample_crop_boxes",
     "sample_params",
+    "shift_hue",
+    "solarize",
 ]
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -95,6 +120,8 @@ INTERPOLATIONS = ("bicubic", "bilinear")
 #: Samples processed together on a CPU: keeps the working tensors in cache (and small enough to be recycled by the
 #: memory allocator instead of being mapped afresh, page faults and all, at every operation). Other devices: the batch.
 CPU_CHUNK = 32
+#: Padded input of one blur convolution on a CPU (samples at a time): measured fastest around the L2 cache size.
+CONV_CHUNK_BYTES = 1 << 20
 GeneratorLike = torch.Generator | int
 
 
@@ -208,6 +235,52 @@ def sample_params(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Scratch memory
+
+
+class Workspace:
+    """Scratch tensors kept from call to call, by name (each grown to the largest size asked for).
+
+    On a CPU, every fresh multi-megabyte tensor is memory the kernel maps afresh, and the page faults of its first
+    write cost about as much as an elementwise operation on it; reusing the working tensors of one chunk for the next
+    (and for the next call) removes that cost. Not thread-safe: one workspace per thread. Not pickled (a data-loader
+    worker starts with an empty one). Other devices do not need it (their allocators cache blocks).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        numel = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
+            buffer = self._buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+    def __getstate__(self) -> dict:
+        return {"_buffers": {}}
+
+
+def _scratch(ws: Workspace | None, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised float tensor of ``shape`` like ``like``: the workspace's ``name`` buffer, or a new one."""
+    if ws is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return ws.get(name, shape, like.dtype, like.device)
+
+
+def _indices(mask: Tensor, device: torch.device) -> Tensor:
+    """Positions of the true entries of a parameter mask (found where the parameters live, usually the CPU, so
+    that an accelerator is not synchronised), on ``device``."""
+    return mask.nonzero()[:, 0].to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Crop + resize + flip
 
 
@@ -254,18 +327,36 @@ def resampling_matrices(
     return rows.gather(2, j[:, None, :].expand(-1, size, -1))
 
 
-def resized_crop(images: Tensor, crop: Tensor, flip: Tensor, size: int, interpolation: str = "bicubic") -> Tensor:
+def resized_crop(
+    images: Tensor,
+    crop: Tensor,
+    flip: Tensor,
+    size: int,
+    interpolation: str = "bicubic",
+    out: Tensor | None = None,
+    ws: Workspace | None = None,
+) -> Tensor:
     """Crop ``crop[b] = (top, left, height, width)`` of every image, resize it to ``size x size`` and mirror it
-    where ``flip[b]``; ``images`` uint8 (values scaled to [0, 1]) or float ``[B, C, H, W]`` → float ``[B, C, S, S]``
-    (clamped to [0, 1] for bicubic)."""
-    _, _, height, width = images.shape
-    crop = crop.to(images.device)
-    rows = resampling_matrices(crop[:, 0], crop[:, 2], None, height, size, interpolation)
-    cols = resampling_matrices(crop[:, 1], crop[:, 3], flip.to(images.device), width, size, interpolation)
-    x = images.float()
+    where ``flip[b]``; ``images`` uint8 (values scaled to [0, 1]) or float ``[B, C, H, W]`` → float32
+    ``[B, C, S, S]``, into ``out`` when given. Two 1-D passes, width then height, each clipped to [0, 1] for bicubic
+    (PIL's order and clipping)."""
+    batch, channels, height, width = images.shape
+    device = images.device
+    crop = crop.to(device)
+    rows = resampling_matrices(crop[:, 0], crop[:, 2], None, height, size, interpolation)  # [B, S, H]
+    cols = resampling_matrices(crop[:, 1], crop[:, 3], flip.to(device), width, size, interpolation)  # [B, S, W]
     if images.dtype == torch.uint8:
-        rows = rows * (1 / 255)
-    out = torch.matmul(torch.matmul(rows[:, None], x), cols[:, None].transpose(-1, -2))
+        cols = cols.mul_(1 / 255)
+    like = rows
+    source = images if images.dtype == torch.float32 else _scratch(ws, "source", images.shape, like).copy_(images)
+    # along the width (one product per sample: [C H, W] @ [W, S]), then along the height (per sample and channel),
+    # clipping to [0, 1] after each pass as PIL does (bicubic overshoots; the bilinear weights are convex)
+    mid = _scratch(ws, "resize_mid", (batch, channels * height, size), like)
+    torch.bmm(source.reshape(batch, channels * height, width), cols.transpose(1, 2), out=mid)
+    out = _scratch(ws, "view", (batch, channels, size, size), like) if out is None else out
+    if interpolation == "bicubic":
+        mid.clamp_(0, 1)
+    torch.matmul(rows[:, None], mid.view(batch, channels, height, size), out=out)
     return out.clamp_(0, 1) if interpolation == "bicubic" else out
 
 
@@ -273,82 +364,103 @@ def resized_crop(images: Tensor, crop: Tensor, flip: Tensor, size: int, interpol
 # Colour
 
 
-def _gray(x: Tensor) -> Tensor:
-    """Grey level ``[B, 1, H, W]`` of RGB ``[B, 3, H, W]`` (torchvision's tensor weights)."""
+def _gray(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """Grey level ``[B, H, W]`` of RGB ``[B, 3, H, W]`` (torchvision's tensor weights)."""
     r, g, b = x.unbind(dim=1)
-    return r.mul(GRAY_WEIGHTS[0]).add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2]).unsqueeze(1)
+    return torch.mul(r, GRAY_WEIGHTS[0], out=out).add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2])
 
 
-def _indices(mask: Tensor, device: torch.device) -> Tensor:
-    """Positions of the true entries of a parameter mask (found where the parameters live, usually the CPU, so
-    that an accelerator is not synchronised), on ``device``."""
-    return mask.nonzero()[:, 0].to(device)
-
-
-def shift_hue(x: Tensor, shift: Tensor) -> Tensor:
+def shift_hue(x: Tensor, shift: Tensor, out: Tensor | None = None, ws: Workspace | None = None) -> Tensor:
     """Rotate the hue of RGB ``[B, 3, H, W]`` in [0, 1] by ``shift[b]`` turns, keeping saturation and value:
     torchvision's tensor ``adjust_hue`` (RGB → HSV, ``h = (h + shift) mod 1``, HSV → RGB; ties between maximal
-    channels resolved red, then green, as there), rewritten with arithmetic only — on CPUs ``torch.where`` and the
-    reductions over the channel axis are an order of magnitude slower than ``+ - * / abs sign clamp floor``.
+    channels resolved red, then green, as there). ``out`` may be ``x`` (in place).
 
-    Hue in sixths of a turn ``h``: ``(g - b) / C`` where red is the maximum, ``2 + (b - r) / C`` where green is,
-    ``4 + (r - g) / C`` where blue is (``C = max - min``, the chroma; 0 for greys). Back to RGB: each channel is
-    ``min + C * pure(h)`` with the fully saturated colour of hue ``h``: ``pure = clamp(|h - 3| - 1, 2 - |h - 2|,
-    2 - |h - 4|)`` in [0, 1] (the six-sector HSV formula, written without sectors).
+    Written with arithmetic only — on CPUs ``torch.where``, comparisons and reductions over the channel axis are an
+    order of magnitude slower than ``+ - * / abs sign clamp floor`` — and channel by channel with scalar operands
+    (operands broadcast along the channel axis are slow too). Hue in sixths of a turn ``h``: ``(g - b) / C`` where
+    red is the maximum, ``2 + (b - r) / C`` where green is, ``4 + (r - g) / C`` where blue is (``C = max - min``,
+    the chroma; 0 for greys). Back to RGB: each channel is ``min + C * pure(h)``, with the fully saturated colour of
+    hue ``h`` ``pure = (|h - 3| - 1, 2 - |h - 2|, 2 - |h - 4|)`` clamped to [0, 1] (the six-sector HSV formula
+    written without sectors).
     """
+    batch, _, height, width = x.shape
     r, g, b = x.unbind(dim=1)
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    minc = torch.minimum(torch.minimum(r, g), b)
-    chroma = maxc - minc
-    not_r = torch.sign(maxc - r)  # 1 where red is not the maximum, else 0
-    only_b = not_r * torch.sign(maxc - g)  # 1 where neither red nor green is
+    plane = (batch, height, width)
+    maxc = torch.maximum(r, g, out=_scratch(ws, "hue_max", plane, x))
+    maxc = torch.maximum(maxc, b, out=maxc)
+    minc = torch.minimum(r, g, out=_scratch(ws, "hue_min", plane, x))
+    minc = torch.minimum(minc, b, out=minc)
+    chroma = torch.sub(maxc, minc, out=_scratch(ws, "hue_chroma", plane, x))
+    not_r = torch.sub(maxc, r, out=_scratch(ws, "hue_a", plane, x)).sign_()  # 1 where red is not the maximum
+    only_b = torch.sub(maxc, g, out=_scratch(ws, "hue_b", plane, x)).sign_().mul_(not_r)  # neither red nor green
     # h * C = (g - b) + not_r * [(2C + b - r) - (g - b)] + only_b * [(4C + r - g) - (2C + b - r)]
-    base = chroma * 2 - (r + g + b)
-    hue_c = (g - b).addcmul_(not_r, base.add(b, alpha=3)).addcmul_(only_b, base.add_(r, alpha=3))
-    hue = torch.addcdiv((6.0 * shift).to(x.dtype).view(-1, 1, 1), hue_c, chroma.clamp(min=torch.finfo(x.dtype).tiny))
-    hue = hue.sub_(torch.floor(hue * (1 / 6)), alpha=6)  # mod 6
-    offsets = torch.tensor([3.0, 2.0, 4.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    slopes = torch.tensor([1.0, -1.0, -1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    intercepts = torch.tensor([-1.0, 2.0, 2.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    pure = torch.addcmul(intercepts, (hue.unsqueeze(1) - offsets).abs_(), slopes).clamp_(0, 1)
-    return pure.mul_(chroma.unsqueeze(1)).add_(minc.unsqueeze(1))
+    base = torch.add(r, g, out=_scratch(ws, "hue_c", plane, x)).add_(b).neg_().add_(chroma, alpha=2)
+    hue = torch.sub(g, b, out=_scratch(ws, "hue", plane, x))
+    term = torch.add(base, b, alpha=3, out=_scratch(ws, "hue_d", plane, x))
+    hue.addcmul_(not_r, term)
+    hue.addcmul_(only_b, torch.add(base, r, alpha=3, out=term))
+    hue.div_(torch.clamp(chroma, min=torch.finfo(x.dtype).tiny, out=not_r))
+    hue.add_(shift.to(x.device, x.dtype).mul(6).view(batch, 1, 1))
+    hue.sub_(torch.mul(hue, 1 / 6, out=only_b).floor_(), alpha=6)  # mod 6
+    out = torch.empty_like(x) if out is None else out
+    for channel, (offset, slope, intercept) in enumerate(((3.0, 1.0, -1.0), (2.0, -1.0, 2.0), (4.0, -1.0, 2.0))):
+        pure = torch.sub(hue, offset, out=term).abs_()
+        pure = torch.add(torch.tensor(intercept, dtype=x.dtype), pure, alpha=slope, out=pure).clamp_(0, 1)
+        torch.addcmul(minc, pure, chroma, out=out[:, channel])
+    return out
 
 
-def color_jitter(x: Tensor, apply: Tensor, factors: Tensor, order: Tensor) -> Tensor:
+def color_jitter(x: Tensor, apply: Tensor, factors: Tensor, order: Tensor, ws: Workspace | None = None) -> Tensor:
     """Torchvision's ``ColorJitter`` with per-sample factors and order, where ``apply[b]``; ``x`` float
-    ``[B, 3, H, W]`` in [0, 1] (modified in place and returned).
+    ``[B, 3, H, W]`` in [0, 1] (overwritten; the result is returned, possibly in a workspace buffer).
 
     Pass ``k`` applies, to every sample, the operation ``order[b, k]`` (0 brightness, 1 contrast, 2 saturation,
-    3 hue): ``clamp(f * x + (1 - f) * target, 0, 1)`` with target 0 / the image's mean grey level / its grey image,
-    or the hue rotation. The blend is computed for all samples (factor 1 where the sample's turn is hue or where
-    it is not jittered), the hue only for the samples whose turn it is.
+    3 hue). Brightness, contrast and saturation are the blends ``clamp(f * x + (1 - f) * target, 0, 1)`` with
+    target 0, the image's mean grey level, its grey image: all three are ``clamp(M x + c)`` with a per-sample 3 x 3
+    colour matrix ``M`` (``f I``, or ``f I + (1 - f) 1 w^T`` for saturation, ``w`` the grey weights) and offset
+    ``c`` (``(1 - f) w . mean(x)`` for contrast), so one batched matrix product per pass blends every sample (the
+    identity where the sample's turn is hue or where it is not jittered). The hue rotation is computed only for
+    the samples whose turn it is.
     """
-    batch, device = x.shape[0], x.device
+    batch, channels, height, width = x.shape
+    device, pixels = x.device, height * width
+    spare = _scratch(ws, "jitter_spare", x.shape, x)
+    eye = torch.eye(3, dtype=torch.float64, device=order.device)  # built where the parameters live
+    grey_rows = torch.tensor(GRAY_WEIGHTS, dtype=torch.float64, device=order.device).expand(3, 3)  # rows w^T
+    weights = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=device)
     for k in range(4):
         op = order[:, k]
-        f = factors.gather(1, op[:, None])[:, 0].to(x.dtype)
+        f = factors.gather(1, op[:, None])[:, 0].to(torch.float64)
         blend = apply & (op != 3)
         if bool(blend.any()):
             f_blend = torch.where(blend, f, 1.0)
-            # (1 - f) * target = (1 - f) * ([op == saturation] * grey image + [op == contrast] * mean grey level)
-            gray_coef = ((op == 2) * (1 - f_blend)).to(device, x.dtype).view(batch, 1, 1, 1)
-            mean_coef = ((op == 1) * (1 - f_blend)).to(device, x.dtype).view(batch, 1, 1, 1)
-            gray = _gray(x)
-            target = torch.addcmul(gray.mean(dim=(2, 3), keepdim=True) * mean_coef, gray, gray_coef)
-            f_blend = f_blend.to(device).view(batch, 1, 1, 1)
-            x = torch.addcmul(target, x, f_blend, out=x).clamp_(0, 1)
+            keep = (1 - f_blend)[:, None, None]
+            matrix = f_blend[:, None, None] * eye + (keep * (op == 2)[:, None, None]) * grey_rows
+            matrix = matrix.to(device, x.dtype)
+            flat, flat_out = x.view(batch, channels, pixels), spare.view(batch, channels, pixels)
+            contrast = blend & (op == 1)
+            if bool(contrast.any()):
+                mean_grey = flat.mean(dim=2) @ weights  # [B]
+                offset = (keep[:, :, 0] * contrast[:, None]).to(device, x.dtype) * mean_grey[:, None]
+                torch.baddbmm(offset[:, :, None].expand(batch, channels, 1), matrix, flat, out=flat_out)
+            else:
+                torch.bmm(matrix, flat, out=flat_out)
+            x, spare = spare.clamp_(0, 1), x
         hue = apply & (op == 3)
         if bool(hue.any()):
             index = _indices(hue, device)
-            x.index_copy_(0, index, shift_hue(x.index_select(0, index), f[hue].to(device)))
+            part = torch.index_select(x, 0, index, out=_scratch(ws, "hue_in", (len(index), *x.shape[1:]), x))
+            x.index_copy_(0, index, shift_hue(part, f[hue], out=part, ws=ws))
     return x
 
 
-def grayscale(x: Tensor, apply: Tensor) -> Tensor:
+def grayscale(x: Tensor, apply: Tensor, ws: Workspace | None = None) -> Tensor:
     """Replace the images where ``apply[b]`` by their grey level on the 3 channels (in place)."""
     if bool(apply.any()):
         index = _indices(apply, x.device)
-        x.index_copy_(0, index, _gray(x.index_select(0, index)).expand(-1, 3, -1, -1))
+        part = torch.index_select(x, 0, index, out=_scratch(ws, "gray_in", (len(index), *x.shape[1:]), x))
+        gray = _gray(part, out=_scratch(ws, "gray", (len(index), *x.shape[2:]), x))
+        x.index_copy_(0, index, gray.unsqueeze(1).expand_as(part))
     return x
 
 
@@ -368,28 +480,27 @@ def blur_radius(sigma: Tensor, max_radius: int) -> Tensor:
     return torch.clamp((blur_kernel_size(sigma) - 1) // 2, max=max_radius)
 
 
-def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+def gaussian_blur(x: Tensor, sigma: Tensor, out: Tensor | None = None, max_samples: int | None = None) -> Tensor:
     """Per-sample Gaussian blur of ``x`` float ``[B, C, H, W]``: sample ``b`` convolved with the normalised
     Gaussian of standard deviation ``sigma[b]`` truncated to :func:`blur_kernel_size` taps (radius at most
     ``min(H, W) - 1``), reflect padding — torchvision's ``gaussian_blur(x[b], kernel_size, sigma[b])``.
 
-    Separable: per run of consecutive samples with the same kernel radius (sort the samples by radius for the
-    fewest runs, as :func:`apply_view` does), one reflect pad and one grouped convolution (a group per sample and
-    channel) along each axis. ``sigma`` may live on the CPU (no synchronisation then).
+    Separable: one reflect pad and one grouped convolution (a group per sample and channel) along each axis, per
+    run of at most ``max_samples`` consecutive samples (all at once by default), with the largest kernel radius of
+    the run (zero taps beyond each sample's own radius): sort the samples by radius for the fewest zero taps, as
+    :func:`blur` does. ``out`` may be ``x`` (each run is padded, i.e. copied, before its result is written).
+    ``sigma`` may live on the CPU (no synchronisation then).
     """
     batch, channels, height, width = x.shape
-    out = torch.empty_like(x)
-    if batch == 0:
-        return out
+    out = torch.empty_like(x) if out is None else out
     sigma = sigma.detach().to("cpu", torch.float64)
     radius = blur_radius(sigma, min(height, width) - 1)
-    values, counts = torch.unique_consecutive(radius, return_counts=True)
-    start = 0
-    for r, count in zip(values.tolist(), counts.tolist()):
-        part = slice(start, start + count)
-        start += count
+    step = max_samples or max(batch, 1)
+    for start in range(0, batch, step):
+        part = slice(start, start + step)
+        count, r = len(radius[part]), int(radius[part].max())
         taps = torch.arange(-r, r + 1, dtype=torch.float64)
-        kernel = torch.exp(-0.5 * (taps[None, :] / sigma[part, None]) ** 2)
+        kernel = torch.exp(-0.5 * (taps[None, :] / sigma[part, None]) ** 2) * (taps.abs() <= radius[part, None])
         kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(x.device, x.dtype)
         kernel = kernel.repeat_interleave(channels, dim=0)  # one kernel per (sample, channel) group
         groups = count * channels
@@ -400,13 +511,40 @@ def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     return out
 
 
+def blur(x: Tensor, apply: Tensor, sigma: Tensor, ws: Workspace | None = None) -> Tensor:
+    """Gaussian-blur the images where ``apply[b]`` with standard deviation ``sigma[b]`` (in place)."""
+    if bool(apply.any()):
+        size = min(x.shape[2:])
+        index = apply.nonzero()[:, 0]
+        sigma = sigma[index]
+        by_radius = torch.argsort(blur_radius(sigma, size - 1), stable=True)  # fewest zero taps
+        index, sigma = index[by_radius].to(x.device), sigma[by_radius]
+        part = torch.index_select(x, 0, index, out=_scratch(ws, "blur_in", (len(index), *x.shape[1:]), x))
+        # on a CPU, convolutions over ~1 MB of padded input at a time run fastest (cache-resident)
+        padded_bytes = x.shape[1] * (x.shape[2] + 12) * (x.shape[3] + 12) * x.element_size()
+        max_samples = max(1, CONV_CHUNK_BYTES // padded_bytes) if x.device.type == "cpu" else None
+        x.index_copy_(0, index, gaussian_blur(part, sigma, out=part, max_samples=max_samples))
+    return x
+
+
 def solarize(x: Tensor, apply: Tensor, threshold: float = SOLARIZE_THRESHOLD) -> Tensor:
     """Where ``apply[b]``, invert the values ``>= threshold`` (``1 - x``; in place)."""
     if bool(apply.any()):
         index = _indices(apply, x.device)
-        sub = x.index_select(0, index)
-        x.index_copy_(0, index, torch.where(sub >= threshold, 1 - sub, sub))
+        part = x.index_select(0, index)
+        x.index_copy_(0, index, torch.where(part >= threshold, 1 - part, part))
     return x
+
+
+def normalize(
+    x: Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD, out: Tensor | None = None
+) -> Tensor:
+    """``(x - mean) / std`` per channel (into ``out`` when given), channel by channel with scalars (see
+    :func:`shift_hue`)."""
+    out = x if out is None else out
+    for channel, (m, s) in enumerate(zip(mean, std)):
+        torch.add(torch.tensor(-m / s, dtype=x.dtype), x[:, channel], alpha=1 / s, out=out[:, channel])
+    return out
 
 
 def apply_view(
@@ -414,33 +552,25 @@ def apply_view(
     params: dict[str, Tensor],
     size: int,
     interpolation: str = "bicubic",
-    mean: Tensor | None = None,
-    std: Tensor | None = None,
     out: Tensor | None = None,
+    ws: Workspace | None = None,
 ) -> Tensor:
     """One view of every image: crop + resize + flip, colour jitter, grayscale, blur, solarisation, normalisation
     with the parameters of :func:`sample_params`. ``images`` uint8 (or float in [0, 1]) ``[B, 3, H, W]`` →
-    float32 ``[B, 3, size, size]`` on the same device (written into ``out`` when given)."""
+    float32 ``[B, 3, size, size]`` on the same device (written into ``out`` when given; ``ws`` holds the working
+    tensors, see :class:`Workspace`)."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected RGB images [B, 3, H, W], got shape {tuple(images.shape)}")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-    device = images.device
-    x = resized_crop(images, params["crop"], params["flip"], size, interpolation)
-    x = color_jitter(x, params["jitter"], params["jitter_factors"], params["jitter_order"])
-    x = grayscale(x, params["grayscale"])
-    if bool(params["blur"].any()):
-        # the blurred samples, sorted by kernel radius (one convolution per radius)
-        blurred = params["blur"].nonzero()[:, 0]
-        sigma = params["sigma"][blurred]
-        by_radius = torch.argsort(blur_radius(sigma, size - 1), stable=True)
-        blurred, sigma = blurred[by_radius].to(device), sigma[by_radius]
-        x.index_copy_(0, blurred, gaussian_blur(x.index_select(0, blurred), sigma))
+    x = resized_crop(images, params["crop"], params["flip"], size, interpolation, ws=ws)
+    x = color_jitter(x, params["jitter"], params["jitter_factors"], params["jitter_order"], ws=ws)
+    x = grayscale(x, params["grayscale"], ws=ws)
+    x = blur(x, params["blur"], params["sigma"], ws=ws)
     x = solarize(x, params["solarize"])
-    mean = torch.tensor(IMAGENET_MEAN, device=device) if mean is None else mean
-    std = torch.tensor(IMAGENET_STD, device=device) if std is None else std
-    inv_std = 1 / std.view(1, 3, 1, 1)
-    return torch.addcmul(-mean.view(1, 3, 1, 1) * inv_std, x, inv_std, out=x if out is None else out)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return normalize(x, out=out)
 
 
 class BatchedMultiCrop(nn.Module):
@@ -451,6 +581,10 @@ class BatchedMultiCrop(nn.Module):
     ``generator``: a :class:`torch.Generator` or an integer seed for the whole batch (e.g.
     ``utils.reproducibility.sample_seed(seed, epoch, rank, step)``); the output is a pure function of the images
     and the seed (and of the generator's state for a generator).
+
+    ``chunk_size``: samples processed together (default: :data:`CPU_CHUNK` on a CPU, the whole batch elsewhere);
+    results do not depend on it. ``reuse_buffers``: on a CPU, keep the working tensors between chunks and calls
+    (a :class:`Workspace`, about 40 MB at the default sizes; one module per thread then).
     """
 
     def __init__(
@@ -462,18 +596,21 @@ class BatchedMultiCrop(nn.Module):
         local_crop_size: int = 64,
         interpolation: str = "bicubic",
         chunk_size: int | None = None,
+        reuse_buffers: bool = True,
     ):
         super().__init__()
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.global_crops_scale = tuple(global_crops_scale)
         self.local_crops_scale = tuple(local_crops_scale)
         self.local_crops_number = int(local_crops_number)
         self.global_crop_size, self.local_crop_size = int(global_crop_size), int(local_crop_size)
         self.interpolation = interpolation
         self.chunk_size = chunk_size
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD), persistent=False)
+        self.reuse_buffers = reuse_buffers
+        self.workspace = Workspace()
 
     def view_configs(self) -> list[dict]:
         """Per view: output ``size`` and :func:`sample_params` keywords (scale, blur and solarisation probability)."""
@@ -495,36 +632,39 @@ class BatchedMultiCrop(nn.Module):
             for cfg in self.view_configs()
         ]
 
-    def apply(self, images: Tensor, params: list[dict[str, Tensor]]) -> list[Tensor]:
-        """The views of ``images`` for given parameters (as returned by :meth:`sample_params`)."""
+    def apply(self, images: Tensor, params: list[dict[str, Tensor]], out: list[Tensor] | None = None) -> list[Tensor]:
+        """The views of ``images`` for given parameters (as returned by :meth:`sample_params`), written into ``out``
+        (float32 tensors of the output shapes, e.g. the previous batch's once consumed) when given."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected RGB images [B, 3, H, W], got shape {tuple(images.shape)}")
         configs = self.view_configs()
         if len(params) != len(configs):
             raise ValueError(f"expected parameters for {len(configs)} views, got {len(params)}")
         device, batch = images.device, images.shape[0]
-        mean, std = self.mean.to(device), self.std.to(device)
-        chunk = self.chunk_size or (CPU_CHUNK if device.type == "cpu" else batch)
-        outputs = []
-        for p, cfg in zip(params, configs, strict=True):
-            out = torch.empty(batch, 3, cfg["size"], cfg["size"], device=device)
+        shapes = [(batch, 3, cfg["size"], cfg["size"]) for cfg in configs]
+        if out is None:
+            out = [torch.empty(shape, device=device) for shape in shapes]
+        elif [tuple(o.shape) for o in out] != shapes or any(
+            o.dtype != torch.float32 or o.device != device or not o.is_contiguous() for o in out
+        ):
+            raise ValueError(f"out must be contiguous float32 tensors of shapes {shapes} on {device}")
+        on_cpu = device.type == "cpu"
+        chunk = self.chunk_size or (CPU_CHUNK if on_cpu else max(batch, 1))
+        ws = self.workspace if on_cpu and self.reuse_buffers else None
+        for p, cfg, view_out in zip(params, configs, out, strict=True):
             for start in range(0, batch, chunk):  # chunks of samples, each processed at once
                 part = slice(start, start + chunk)
-                apply_view(
-                    images[part],
-                    {k: v[part] for k, v in p.items()},
-                    cfg["size"],
-                    self.interpolation,
-                    mean,
-                    std,
-                    out[part],
-                )
-            outputs.append(out)
-        return outputs
+                chunk_params = {k: v[part] for k, v in p.items()}
+                apply_view(images[part], chunk_params, cfg["size"], self.interpolation, out=view_out[part], ws=ws)
+        return out
 
-    def forward(self, images: Tensor, generator: GeneratorLike) -> list[Tensor]:
+    def forward(self, images: Tensor, generator: GeneratorLike, out: list[Tensor] | None = None) -> list[Tensor]:
+        """Draw the parameters of every view from ``generator`` (or an integer seed) and apply them (see
+        :meth:`apply` for ``out``)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected RGB images [B, 3, H, W], got shape {tuple(images.shape)}")
         params = self.sample_params(images.shape[0], generator, images.shape[2], images.shape[3])
-        return self.apply(images, params)
+        return self.apply(images, params, out)
 
     def extra_repr(self) -> str:
         return (

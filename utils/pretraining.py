@@ -207,9 +207,12 @@ class DINOPretraining:
         ).to(ctx.device)
         self.optimizer = build_optimizer(args.optimizer, get_params_groups(self.student_module))
         self.scaler = build_grad_scaler(precision, ctx.device)
+        student_forward, teacher_forward = self.student, self.teacher
+        if args.compile:  # compiled forwards; parameters, state dicts and the EMA stay those of the plain modules
+            student_forward, teacher_forward = torch.compile(self.student), torch.compile(self.teacher)
         self.state = DINOState(
-            self.student,
-            self.teacher,
+            student_forward,
+            teacher_forward,
             self.student_module,
             self.dino_loss,
             self.optimizer,

@@ -34,7 +34,7 @@ __all__ = ["SYNTHETIC_CLASSES", "generate_synthetic_dataset", "render_sample"]
 
 MARKER_NAME = ".tinydino_synthetic.json"
 STAGING_NAME = ".tinydino_synthetic_tmp"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLIT_IDS = {"train": 0, "val": 1}
 SUPERSAMPLE = 4  # the shape mask is drawn at 4x resolution and box-filtered down (anti-aliasing)
 
@@ -152,11 +152,33 @@ def _luminance(rgb: np.ndarray) -> float:
     return float(rgb @ np.array([0.299, 0.587, 0.114]))
 
 
+#: The colours images are painted with: 6 hues, each bright and dark, plus near-white and near-black. A small
+#: palette keeps colour a nuisance (drawn independently of the class) while making it a poor *instance* identifier:
+#: many images of a batch share their colours, so self-supervision cannot tell two images apart by colour alone and
+#: has to look at shape.
+PALETTE = np.array(
+    [
+        [0.95, 0.25, 0.2],
+        [0.95, 0.8, 0.2],
+        [0.3, 0.85, 0.3],
+        [0.2, 0.8, 0.9],
+        [0.3, 0.4, 0.95],
+        [0.9, 0.35, 0.85],
+        [0.45, 0.1, 0.08],
+        [0.45, 0.38, 0.05],
+        [0.08, 0.35, 0.1],
+        [0.05, 0.32, 0.4],
+        [0.1, 0.12, 0.45],
+        [0.4, 0.08, 0.38],
+        [0.93, 0.93, 0.9],
+        [0.08, 0.08, 0.1],
+    ]
+)
+
+
 def _random_colour(rng: np.random.Generator) -> np.ndarray:
-    """A colour in [0, 1]^3 from a random hue, saturation and value."""
-    h, s, v = rng.random(), rng.uniform(0.0, 1.0), rng.uniform(0.1, 1.0)
-    k = (np.array([5.0, 3.0, 1.0]) + h * 6) % 6
-    return v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
+    """A colour of :data:`PALETTE`, slightly perturbed (so that pixels are not all identical)."""
+    return np.clip(PALETTE[rng.integers(len(PALETTE))] + rng.normal(0, 0.03, 3), 0, 1)
 
 
 def _contrasting_colours(rng: np.random.Generator, min_contrast: float = 0.28) -> tuple[np.ndarray, np.ndarray]:
