@@ -16,7 +16,7 @@ import torch
 
 from utils.cli import UsageError, bool_flag, user_errors
 from utils.loss import DINOLoss
-from utils.models import ARCH_ALIASES
+from utils.models import ARCH_ALIASES, check_arch
 from utils.pretraining import train_dino
 
 __all__ = ["DINOLoss", "get_args_parser", "main", "train_dino"]
@@ -212,6 +212,7 @@ def validate_args(args: argparse.Namespace) -> None:
         problems.append(f"--momentum_teacher must be in [0, 1] (got {args.momentum_teacher})")
     if problems:
         raise UsageError("; ".join(problems))
+    check_arch(args.arch)
 
 
 def main(argv: list[str] | None = None) -> int:

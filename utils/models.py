@@ -93,6 +93,13 @@ def add_dino_api(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_arch(arch: str) -> None:
+    """Raise :class:`ModelError` unless ``arch`` is a short name of :data:`ARCH_ALIASES` or a timm model name."""
+    if arch not in ARCH_ALIASES and arch.split(".")[0] not in timm.list_models():
+        vits = ", ".join(sorted(ARCH_ALIASES))
+        raise ModelError(f"unknown --arch {arch!r}: use {vits}, or a timm ViT name such as vit_small_patch16_224")
+
+
 def build_backbone(
     arch: str = "vit_tiny",
     patch_size: int = 16,
@@ -112,9 +119,7 @@ def build_backbone(
         kwargs["patch_size"] = patch_size
     else:
         name = arch
-        if name.split(".")[0] not in timm.list_models():
-            vits = ", ".join(sorted(ARCH_ALIASES))
-            raise ModelError(f"unknown --arch {arch!r}: use {vits}, or a timm ViT name such as vit_small_patch16_224")
+        check_arch(arch)
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as exc:  # a timm model that is not a plain ViT rejects ViT keyword arguments

@@ -64,6 +64,15 @@ def build_train_loader(args, dataset, ctx: DistributedContext) -> DataLoader:
     return loader
 
 
+def check_batch_fits(n_images: int, batch_size: int, world_size: int) -> None:
+    """A user error (before anything is cached or written) when one process's share is smaller than one batch."""
+    if -(-n_images // world_size) < batch_size:
+        raise UsageError(
+            f"the dataset has {n_images} images, fewer than one batch of {batch_size} per process x {world_size} "
+            "processes: lower --batch_size_per_gpu"
+        )
+
+
 def knn_datasets(args, data_path, cache_dir=None):
     """(train, val) datasets with the evaluation transform for the online k-NN, or None (no labels, no val, off).
     With a cache folder, both read decoded pixels from it (the val split gets its own cache entry)."""
@@ -163,6 +172,7 @@ class DINOPretraining:
             args.local_crop_size,
         )
         self.dataset = build_image_dataset(self.data_path, "train", transform=augmentation)
+        check_batch_fits(len(self.dataset), args.batch_size_per_gpu, ctx.world_size)
         self.cache_dir = resolve_image_cache(args, self.dataset, self.data_path, ctx)
         if self.cache_dir is not None and args.batched_aug != "off":
             self.loader = build_cached_loader(args, self.dataset, self.cache_dir, ctx)
