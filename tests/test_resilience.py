@@ -239,34 +239,36 @@ def test_run_stops_after_max_nonfinite_consecutive_losses():
 
 
 def test_corrupt_and_truncated_images_are_skipped_and_reported(small_synthetic, tmp_path):
+    import json
     import shutil
 
     data = tmp_path / "data"
-    shutil.copytree(small_synthetic, data)
+    shutil.copytree(small_synthetic, data, ignore=shutil.ignore_patterns(".tinydino_cache"))
     first_class = sorted((data / "train").iterdir())[0]
-    (first_class / "corrupt.JPEG").write_bytes(b"this is not a jpeg")
     good = sorted(first_class.glob("*.JPEG"))[0].read_bytes()
-    (first_class / "truncated.JPEG").write_bytes(good[: len(good) // 3])
-    out = run_to_end(
-        [
-            *TINY_TRAIN_FLAGS,
-            "--data_path",
-            str(data),
-            "--output_dir",
-            str(tmp_path / "run"),
-            "--epochs",
-            "1",
-            "--knn_every",
-            "0",
-            "--batch_size_per_gpu",
-            "6",
-        ]
-    )
+    (first_class / "0_corrupt.JPEG").write_bytes(b"this is not a jpeg")  # sorts first: also the size probe's pick
+    (first_class / "0_truncated.JPEG").write_bytes(good[: len(good) // 3])
+    flags = [
+        *TINY_TRAIN_FLAGS,
+        "--data_path",
+        str(data),
+        "--epochs",
+        "1",
+        "--knn_every",
+        "0",
+        "--batch_size_per_gpu",
+        "6",
+    ]
+    out = run_to_end([*flags, "--output_dir", str(tmp_path / "run"), "--cache_images", "off"])
     assert "skipped 2 unreadable image(s)" in out
-    import json
-
     record = json.loads((tmp_path / "run" / "log.txt").read_text().splitlines()[-1])
     assert record["train_bad_images"] == 2
+    for mode in ("on", "auto"):  # the cache skips them when it is built, and says so
+        out = run_to_end([*flags, "--output_dir", str(tmp_path / mode), "--cache_images", mode])
+        assert "2 unreadable image(s) skipped" in out or "decoded images" in out
+    assert "2 unreadable image(s) skipped" in run_to_end(
+        [*flags, "--output_dir", str(tmp_path / "again"), "--cache_images", "on"]
+    )
 
 
 def test_pickle_payload_checkpoint_in_output_dir_is_refused(small_synthetic, tmp_path):

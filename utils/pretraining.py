@@ -93,18 +93,26 @@ def knn_datasets(args, data_path, cache_dir=None):
 AUTO_CACHE_BYTES = 8 * 2**30
 
 
+def image_area(dataset, tries: int = 20) -> int:
+    """Pixels of the first readable image among the first ``tries`` (an unreadable file is skipped, not fatal)."""
+    from PIL import Image
+
+    for path, _ in dataset.samples[:tries]:
+        try:
+            with Image.open(path) as image:
+                return image.size[0] * image.size[1]
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
 def resolve_image_cache(args, dataset, data_path, ctx: DistributedContext) -> Path | None:
     """The cache folder to use (built by the main process, the others wait), or None when not caching.
     ``auto`` caches datasets whose decoded pixels (estimated from the first image) fit :data:`AUTO_CACHE_BYTES`."""
     if args.cache_images == "off":
         return None
-    if args.cache_images == "auto":
-        from PIL import Image
-
-        with Image.open(dataset.samples[0][0]) as first:
-            width, height = first.size
-        if len(dataset) * width * height * 3 > AUTO_CACHE_BYTES:
-            return None
+    if args.cache_images == "auto" and len(dataset) * image_area(dataset) * 3 > AUTO_CACHE_BYTES:
+        return None
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(data_path)
     if ctx.is_main:
         cache = open_cache(dataset, cache_dir, "train", None)

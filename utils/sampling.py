@@ -44,7 +44,8 @@ class SeededSamples(Dataset):
     and torch's generators seeded from (seed, epoch, rank, index), then the caller's generator states are restored.
 
     An unreadable or truncated image is skipped: the next index is tried instead (so the batch keeps its size), and
-    the item reports how many files were skipped for it: ``(crops, label, n_skipped)``.
+    the item reports whether its own file was unreadable: ``(crops, label, 0 or 1)``, so that an epoch counts each
+    unreadable file once.
     """
 
     def __init__(self, dataset: Dataset, seed: int, rank: int, max_skips: int = 50):
@@ -60,7 +61,7 @@ class SeededSamples(Dataset):
             candidate = (index + skipped) % len(self.dataset)
             try:
                 image, label = self._draw(epoch, candidate)
-                return image, label, skipped
+                return image, label, int(skipped > 0)  # this index was unreadable (substitutes count when drawn)
             except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for corrupt or truncated files
                 errors.append(f"{self._path(candidate)}: {exc}")
         raise RuntimeError(f"{self.max_skips + 1} unreadable images in a row, e.g. {errors[0]}")
