@@ -405,9 +405,12 @@ def test_eval_stl10_under_torchrun_gathers_the_same_features(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("few-shot top-1") == 1  # only rank 0 evaluates and reports
     for name in ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth"):
-        one, two = torch.load(tmp_path / "f1" / name), torch.load(tmp_path / "f2" / name)
+        one, two = (
+            torch.load(tmp_path / "f1" / name, weights_only=True),
+            torch.load(tmp_path / "f2" / name, weights_only=True),
+        )
         assert one.shape == two.shape and torch.allclose(one, two, atol=1e-5), name
-    assert torch.load(tmp_path / "f2" / "testfeat.pth").shape == (7, 192)
+    assert torch.load(tmp_path / "f2" / "testfeat.pth", weights_only=True).shape == (7, 192)
     one = json.loads((tmp_path / "one" / "stl10_results.json").read_text())
     two = json.loads((tmp_path / "two" / "stl10_results.json").read_text())
     assert one["data"] == two["data"] and one["knn"] == two["knn"]
