@@ -171,6 +171,8 @@ class DINOPretraining:
     def __init__(self, args: argparse.Namespace, ctx: DistributedContext):
         self.args, self.ctx = args, ctx
         self.output_dir = Path(args.output_dir)
+        # The checkpoint to resume from is read (and an unsafe one refused) before any data is prepared or cached.
+        self.resume_from = load_latest_checkpoint(self.output_dir, warn=log)
         self.data_path = prepare_data_path(args.dataset, args.data_path, args.download, is_main=ctx.is_main)
         augmentation = DataAugmentationDINO(
             args.global_crops_scale,
@@ -285,7 +287,7 @@ class DINOPretraining:
 
     def resume(self) -> bool:
         """Restore the newest good checkpoint of ``output_dir``, if any."""
-        found = load_latest_checkpoint(self.output_dir, warn=log)
+        found, self.resume_from = self.resume_from, None
         if found is None:
             return False
         path, checkpoint = found
