@@ -28,9 +28,11 @@ def test_short_run_writes_checkpoint_log_tensorboard_and_resumes(small_synthetic
     assert [r["epoch"] for r in records] == [0, 1]
     assert {"train_loss", "train_lr", "train_wd", "epoch"} <= set(records[0])
     assert "knn_top1" in records[1] and 0 <= records[1]["knn_top1"] <= 100
+    assert 1 <= records[1]["knn_feature_rank"] <= 192  # ViT-Tiny's embed_dim
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert ckpt["epoch"] == 2 and {"student", "teacher", "optimizer", "dino_loss", "args"} <= set(ckpt)
     assert isinstance(ckpt["args"], dict) and ckpt["knn_random_init"]["top1"] >= 0
+    assert ckpt["knn_random_init"]["feature_rank"] >= 1
 
     tags, acc = tensorboard_tags(out)
     for tag in (
@@ -44,6 +46,7 @@ def test_short_run_writes_checkpoint_log_tensorboard_and_resumes(small_synthetic
         "train/teacher_mean_entropy",
         "epoch/train_loss",
         "epoch/train_epoch_time_s",
+        "epoch/knn_feature_rank",
     ):
         assert tag in tags, tag
     assert len(acc.Scalars("train/loss")) == 2 * 5  # 40 images / batch 8 = 5 iterations per epoch

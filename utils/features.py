@@ -117,3 +117,21 @@ def _feature_dim(model: nn.Module, dataset: Dataset, device: torch.device, featu
     """Feature size, for a process that got no sample (more processes than samples)."""
     image = dataset[0][0].unsqueeze(0).to(device)
     return feature_fn(model, image).shape[1]
+
+
+def effective_rank(features: torch.Tensor) -> float:
+    """Effective rank of a feature matrix ``[N, D]``: ``exp(H)`` with ``H`` the entropy of the normalised spectrum
+    ``p_i = s_i^2 / sum_j s_j^2`` of the centred features (``s`` the singular values). Between 1 (every sample on
+    one line) and ``min(N - 1, D)`` (variance spread evenly over that many directions): a dimensional-collapse
+    indicator, as in Roy & Vetterli (2007). Computed in float64 on the features' device; 0 for fewer than 2 rows or
+    constant features."""
+    if features.shape[0] < 2:
+        return 0.0
+    centred = features.double() - features.double().mean(dim=0, keepdim=True)
+    power = torch.linalg.svdvals(centred).pow(2)
+    total = power.sum()
+    if not torch.isfinite(total) or total <= 0:
+        return 0.0
+    p = power / total
+    entropy = -(p * torch.log(p.clamp_min(1e-300))).sum()
+    return float(torch.exp(entropy))

@@ -327,7 +327,8 @@ class DINOPretraining:
         self.tb.text("flags", flags_as_markdown(vars(args)))
         if self.knn_data and not resumed:
             self.run_state["knn_random_init"] = self.evaluate()
-            log(f"k-NN of the random-init backbone: top-1 {self.run_state['knn_random_init']['top1']:.2f}%")
+            knn = self.run_state["knn_random_init"]
+            log(f"k-NN of the random-init backbone: top-1 {knn['top1']:.2f}%{_rank_note(knn)}")
         if self._rng_to_restore is not None:
             restore_rng_state(self._rng_to_restore)
         stop_request = StopRequest()
@@ -397,8 +398,11 @@ class DINOPretraining:
         last = epoch + 1 == args.epochs or (args.max_iters is not None and rs["global_iter"] >= args.max_iters)
         if self.knn_data and ((epoch + 1) % max(args.knn_every, 1) == 0 or last):
             knn = self.evaluate()
-            record |= {"knn_top1": knn["top1"], "knn_top5": knn["top5"]}
-            log(f"k-NN of the teacher after epoch {epoch}: top-1 {knn['top1']:.2f}%  top-5 {knn['top5']:.2f}%")
+            record |= {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "knn_feature_rank": knn["feature_rank"]}
+            log(
+                f"k-NN of the teacher after epoch {epoch}: top-1 {knn['top1']:.2f}%  top-5 {knn['top5']:.2f}%"
+                f"{_rank_note(knn)}"
+            )
         self.tb.scalars({k: v for k, v in record.items() if k != "epoch"}, epoch, prefix="epoch/")
         if self.attention_images is not None and (epoch + 1) % args.attn_every == 0:
             grids = attention_grid_for_tensorboard(self.teacher.backbone, self.attention_images)
@@ -408,6 +412,12 @@ class DINOPretraining:
         self.save(epoch, self.niter, rs["global_iter"], keep_copy=keep)
         append_json_line(self.output_dir / "log.txt", record)
         self.tb.flush()
+
+
+def _rank_note(knn: dict) -> str:
+    """``"  (feature effective rank 12.3)"``, or nothing for a k-NN result without it (an older checkpoint's)."""
+    rank = knn.get("feature_rank")
+    return "" if rank is None else f"  (feature effective rank {rank:.1f})"
 
 
 def train_dino(args: argparse.Namespace) -> dict:
