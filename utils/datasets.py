@@ -40,6 +40,7 @@ __all__ = [
     "TINY_IMAGENET_ZIP",
     "IMG_EXTENSIONS",
     "download_url",
+    "make_progress",
     "download_tiny_imagenet",
     "relayout_tiny_imagenet_val",
     "FlatImageFolder",
@@ -130,7 +131,7 @@ class _TextProgress:
             self._print(final=True)
 
 
-def _make_progress(total: int | None, desc: str, unit: str = "B"):
+def make_progress(total: int | None, desc: str, unit: str = "B"):
     """A progress object with ``update(n)``/``close()`` (and context-manager support): tqdm if present, else own."""
     if _tqdm is not None:
         if unit == "B":
@@ -165,7 +166,7 @@ def download_url(url: str, dest_path, chunk_size: int = 1 << 20) -> Path:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             written = 0
-            with open(part_path, "wb") as out, _make_progress(total, f"downloading {dest_path.name}") as bar:
+            with open(part_path, "wb") as out, make_progress(total, f"downloading {dest_path.name}") as bar:
                 while True:
                     chunk = response.read(chunk_size)
                     if not chunk:
@@ -212,7 +213,7 @@ def _extract_tiny_imagenet(zip_path: Path, root: Path) -> None:
     try:
         with zipfile.ZipFile(zip_path) as zf:
             members = zf.infolist()
-            with _make_progress(len(members), f"extracting {zip_path.name}", unit="files") as bar:
+            with make_progress(len(members), f"extracting {zip_path.name}", unit="files") as bar:
                 for member in members:
                     zf.extract(member, tmp_dir)  # zipfile drops absolute paths and '..' components
                     bar.update(1)

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from utils.augment import normalize, to_rgb
-from utils.datasets import DatasetError, _make_progress, download_url
+from utils.datasets import DatasetError, download_url, make_progress
 
 __all__ = [
     "STL10_URL",
@@ -254,7 +254,7 @@ def _extract_archive(archive: Path, root: Path) -> None:
     try:
         with (
             open(archive, "rb") as raw,
-            _make_progress(archive.stat().st_size, f"extracting {archive.name}") as bar,
+            make_progress(archive.stat().st_size, f"extracting {archive.name}") as bar,
             tarfile.open(fileobj=_CountingReader(raw, bar), mode="r|gz") as tar,
         ):
             for member in tar:
