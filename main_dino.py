@@ -50,6 +50,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--use_bn_in_head", default=False, type=bool_flag, help="batch norm in the projection head")
     model.add_argument("--drop_path_rate", default=0.1, type=float, help="stochastic depth rate of the student")
 
+    model.add_argument(
+        "--koleo_loss_weight",
+        default=0.0,
+        type=float,
+        help="weight of DINOv2's KoLeo regulariser on the student's global-crop CLS features (spreads them over the "
+        "sphere; counters the early dimensional collapse of short runs, e.g. 0.1 as in DINOv2; computed per "
+        "process); 0: off, as in DINO",
+    )
+
     temp = parser.add_argument_group("temperatures")
     temp.add_argument("--warmup_teacher_temp", default=0.04, type=float, help="teacher temperature at epoch 0")
     temp.add_argument("--teacher_temp", default=0.04, type=float, help="teacher temperature after the warmup")
@@ -208,6 +217,8 @@ def validate_args(args: argparse.Namespace) -> None:
         problems.append(f"--out_dim must be positive (got {args.out_dim})")
     if args.max_iters is not None and args.max_iters <= 0:
         problems.append(f"--max_iters must be positive (got {args.max_iters})")
+    if args.koleo_loss_weight < 0:
+        problems.append(f"--koleo_loss_weight must be >= 0 (got {args.koleo_loss_weight})")
     if not 0 <= args.momentum_teacher <= 1:
         problems.append(f"--momentum_teacher must be in [0, 1] (got {args.momentum_teacher})")
     if problems:

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -73,3 +74,35 @@ def test_non_finite_teacher_batch_leaves_centre_unchanged():
     teacher[0, 0] = float("nan")
     loss_fn(torch.randn(4, 8), teacher, 0)
     assert torch.equal(loss_fn.center, before)
+
+
+# ------------------------------------------------------------------------------------------------ KoLeo
+def _koleo_reference(features: np.ndarray, eps: float = 1e-8) -> float:
+    """Plain loops: -mean over samples of log(distance to the nearest other sample), on L2-normalised rows."""
+    z = features / np.linalg.norm(features, axis=1, keepdims=True)
+    total = 0.0
+    for i in range(len(z)):
+        nearest = min(np.linalg.norm(z[i] - z[j]) for j in range(len(z)) if j != i)
+        total += np.log(nearest + eps)
+    return -total / len(z)
+
+
+def test_koleo_loss_equals_a_looped_reference():
+    from utils.loss import koleo_loss
+
+    features = torch.randn(17, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert float(koleo_loss(features)) == pytest.approx(_koleo_reference(features.numpy()), rel=1e-6)
+
+
+def test_koleo_loss_is_lower_for_spread_features_and_its_gradient_spreads_them():
+    from utils.loss import koleo_loss
+
+    angles = torch.tensor([0.0, 0.5, 1.0, 1.5]) * torch.pi  # 4 points evenly on the circle
+    spread = torch.stack([angles.cos(), angles.sin()], dim=1)
+    clustered = torch.stack([(angles * 0.1).cos(), (angles * 0.1).sin()], dim=1)
+    assert float(koleo_loss(spread)) < float(koleo_loss(clustered))
+    bunched = torch.randn(12, 16, generator=torch.Generator().manual_seed(0)) * 0.1 + 1.0  # one tight cluster
+    x = bunched.clone().requires_grad_(True)
+    koleo_loss(x).backward()
+    with torch.no_grad():
+        assert float(koleo_loss(x - 0.01 * x.grad)) < float(koleo_loss(bunched))  # a descent step spreads them

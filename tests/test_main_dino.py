@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -124,12 +125,15 @@ def test_two_process_gloo_run_completes(small_synthetic, tmp_path):
             "2",
             "--knn_every",
             "2",
+            "--koleo_loss_weight",
+            "0.1",  # the KoLeo path through DDP (features returned by the wrapped student)
         ],
         nproc=2,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_log(out)
     assert [r["epoch"] for r in records] == [0, 1] and "knn_top1" in records[-1]
+    assert math.isfinite(records[-1]["train_koleo"]) and records[-1]["train_koleo"] != 0
     assert load_checkpoint(out / "checkpoint.pth")["global_iter"] == 10  # 40 images / (4 x 2) per iteration
 
 

@@ -108,3 +108,62 @@ def test_train_step_benchmark_quick_mode_emits_valid_json(tmp_path):
     ):
         assert key in report
     assert report["flops_per_step"] > 0 and report["images_per_s"]["lean"] > 0
+
+
+def _sgd_state(student, teacher, koleo_weight):
+    loss = DINOLoss(64, 4, 0.04, 0.04, 0, 5)
+    optimizer = torch.optim.SGD(get_params_groups(student), lr=0.0)
+    cpu = torch.device("cpu")
+    return DINOState(
+        student,
+        teacher,
+        student,
+        loss,
+        optimizer,
+        None,
+        cpu,
+        clip_grad=0.0,
+        freeze_last_layer=0,
+        koleo_weight=koleo_weight,
+    )
+
+
+def test_koleo_term_is_reported_and_adds_its_gradient():
+    """With a KoLeo weight w, the step reports the KoLeo term of the student's global-view features (summed over the
+    2 views) and the update is the DINO update plus w times the KoLeo gradient: checked with plain SGD against
+    gradients computed directly on a copy of the student."""
+    from utils.loss import koleo_loss
+
+    crops = batches(1, batch=6)[0]
+    weight, lr = 0.5, 1e-2
+    student, teacher = models()
+    expected_student = models()[0]
+    with torch.no_grad():
+        features = expected_student.backbone(torch.cat(crops[:2]))
+    expected_koleo = float(sum(koleo_loss(f) for f in features.chunk(2)))
+
+    # the expected update: d(DINO + w * KoLeo) on a fresh copy, one SGD step of size lr
+    reference_state = _sgd_state(*models(), 0.0)
+    output, feats = expected_student(crops, return_features=True)
+    with torch.no_grad():
+        teacher_output = reference_state.teacher(crops[:2])
+    global_feats = feats[: 2 * crops[0].shape[0]]  # crop-major: the two global views first
+    total = reference_state.loss(output, teacher_output, 0) + weight * sum(koleo_loss(f) for f in global_feats.chunk(2))
+    total.backward()
+
+    state = _sgd_state(student, teacher, weight)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    values = dict(zip(STEP_FIELDS, train_step(state, crops, 0, StepSchedule(lr, 0.0, 1.0)).tolist()))
+    assert abs(values["koleo_loss"] - expected_koleo) < 1e-4
+    for (name, p), ref in zip(student.named_parameters(), expected_student.parameters()):
+        if ref.grad is not None:
+            torch.testing.assert_close(p.detach(), (ref - lr * ref.grad).detach(), rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_without_koleo_the_term_is_zero_and_the_step_unchanged():
+    crops = batches(1)[0]
+    plain_student, plain_teacher = models()
+    state = _sgd_state(plain_student, plain_teacher, 0.0)
+    values = dict(zip(STEP_FIELDS, train_step(state, crops, 0, StepSchedule(1e-2, 0.0, 0.9)).tolist()))
+    assert values["koleo_loss"] == 0.0

@@ -80,3 +80,16 @@ def collapse_stats(teacher_p: torch.Tensor) -> dict[str, torch.Tensor]:
         "teacher_mean_entropy": -(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum(),
         "teacher_sample_entropy": -(teacher_p * torch.log(teacher_p.clamp_min(1e-12))).sum(dim=-1).mean(),
     }
+
+
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """DINOv2's KoLeo regulariser: ``-mean_i log(min_{j != i} ||z_i - z_j||)`` over the L2-normalised rows ``z`` of
+    ``features`` ``[N, D]`` (``N >= 2``), the Kozachenko-Leonenko estimator of the differential entropy up to
+    constants. Minimising it pushes every sample away from its nearest neighbour: the features spread over the
+    sphere instead of collapsing onto a few directions. Returns a 0-d tensor (float32 or wider)."""
+    z = F.normalize(features.float(), dim=-1)
+    similarity = z @ z.T
+    similarity.fill_diagonal_(-2.0)  # below any real cosine: a sample is not its own neighbour
+    nearest = similarity.argmax(dim=1)
+    distance = F.pairwise_distance(z, z[nearest], eps=0.0)
+    return -torch.log(distance + eps).mean()

@@ -204,11 +204,15 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, crops: torch.Tensor | Sequence[torch.Tensor], return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Head outputs ``[V * B, out_dim]``; with ``return_features``, also the backbone's ``[V * B, C]``."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
-        features = [self.backbone(torch.cat(group)) for group in group_by_resolution(crops)]
-        return self.head(torch.cat(features))
+        features = torch.cat([self.backbone(torch.cat(group)) for group in group_by_resolution(crops)])
+        output = self.head(features)
+        return (output, features) if return_features else output
 
 
 def group_by_resolution(crops: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:

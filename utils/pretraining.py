@@ -241,6 +241,7 @@ class DINOPretraining:
             precision,
             args.clip_grad,
             args.freeze_last_layer,
+            koleo_weight=args.koleo_loss_weight,
         )
 
     def _build_schedules(self) -> None:

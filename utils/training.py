@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from utils.distributed import all_reduce_sum, get_world_size
-from utils.loss import DINOLoss
+from utils.loss import DINOLoss, koleo_loss
 from utils.monitoring import ProgressMeter, TensorBoard, log
 from utils.optim import autocast, cancel_gradients_last_layer, clip_gradients, ema_update, set_schedule_values
 
@@ -44,6 +44,7 @@ class DINOState:
     precision: str = "fp32"
     clip_grad: float = 3.0
     freeze_last_layer: int = 1
+    koleo_weight: float = 0.0  # DINOv2's KoLeo term on the student's global-crop backbone features (0: off)
     nonfinite_steps: int = 0
     consecutive_nonfinite: int = 0
     ema_pairs: tuple[list, list] = field(default_factory=lambda: ([], []))
@@ -63,7 +64,7 @@ class DINOState:
 
 
 #: The numbers a step returns, in this order, as one device tensor (read by the host every few steps).
-STEP_FIELDS = ("loss", "grad_norm", "skipped", "teacher_mean_entropy", "teacher_sample_entropy")
+STEP_FIELDS = ("loss", "grad_norm", "skipped", "teacher_mean_entropy", "teacher_sample_entropy", "koleo_loss")
 
 
 @dataclass(frozen=True)
@@ -81,15 +82,23 @@ def train_step(state: DINOState, crops: list[torch.Tensor], epoch: int, schedule
     The teacher sees the 2 global views, the student all views; the loss's gradient updates the student (gradient
     clipped to a global norm, the head's last layer frozen during the first epochs), then the teacher takes an EMA
     step. A non-finite loss or gradient on any process skips the update, the EMA and the centre update everywhere.
-    Returns a device tensor with the :data:`STEP_FIELDS` (loss averaged over processes; ``skipped`` is 0 or 1).
+    With ``state.koleo_weight > 0`` the student also minimises DINOv2's KoLeo term on its backbone features of each
+    global view (computed on each process's own batch, as DINOv2 does).
+    Returns a device tensor with the :data:`STEP_FIELDS` (``loss``: the DINO loss and ``koleo_loss``: the KoLeo term,
+    0 when off, both averaged over processes; ``skipped`` is 0 or 1).
     """
     set_schedule_values(state.optimizer, schedule.lr, schedule.weight_decay)
     crops = [c.to(state.device, non_blocking=True) for c in crops]
     with autocast(state.device, state.precision):
         with torch.no_grad():
             teacher_output = state.teacher(crops[:2])
-        student_output = state.student(crops)
-        loss = state.loss(student_output, teacher_output, epoch)
+        if state.koleo_weight:
+            student_output, features = state.student(crops, return_features=True)
+            koleo = sum(koleo_loss(f) for f in features[: 2 * crops[0].shape[0]].chunk(2))  # per global view
+        else:
+            student_output, koleo = state.student(crops), torch.zeros((), device=state.device)
+        dino = state.loss(student_output, teacher_output, epoch)
+        loss = dino + state.koleo_weight * koleo if state.koleo_weight else dino
 
     state.optimizer.zero_grad(set_to_none=True)
     if state.scaler is not None:
@@ -101,7 +110,7 @@ def train_step(state: DINOState, crops: list[torch.Tensor], epoch: int, schedule
     cancel_gradients_last_layer(epoch, state.student_module, state.freeze_last_layer)
 
     local_bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
-    summed = all_reduce_sum(torch.stack([loss.detach().float(), local_bad.float()]))
+    summed = all_reduce_sum(torch.stack([dino.detach().float(), local_bad.float(), koleo.detach().float()]))
     finite = summed[1] == 0
     if state.scaler is not None:
         state.scaler.step(state.optimizer)  # the scaler skips steps whose gradients are not finite
@@ -121,6 +130,7 @@ def train_step(state: DINOState, crops: list[torch.Tensor], epoch: int, schedule
             (~finite).float(),
             stats["teacher_mean_entropy"].float(),
             stats["teacher_sample_entropy"].float(),
+            summed[2] / get_world_size(),
         ]
     )
 
@@ -232,7 +242,8 @@ class _StepReader:
             stats = dict(zip(STEP_FIELDS, row))
             self._count(stats, global_iter)
             self.bad_images += int(n_skipped.sum())
-            self.meter.update(n_images, loss=stats["loss"], lr=schedule.lr, wd=schedule.weight_decay)
+            koleo = {"koleo": stats["koleo_loss"]} if self.state.koleo_weight else {}
+            self.meter.update(n_images, loss=stats["loss"], **koleo, lr=schedule.lr, wd=schedule.weight_decay)
             scalars = {
                 **stats,
                 "lr": schedule.lr,
