@@ -38,3 +38,8 @@ def test_a_shared_offset_does_not_count_and_degenerate_inputs_give_zero():
     assert effective_rank(features + 100.0) == pytest.approx(2.0, rel=1e-6)  # the mean is removed first
     assert effective_rank(torch.ones(10, 4)) == 0.0
     assert effective_rank(torch.randn(1, 4)) == 0.0
+
+
+def test_chunked_accumulation_equals_one_pass():
+    features = torch.randn(300, 12, generator=torch.Generator().manual_seed(2)) * torch.linspace(0.1, 3, 12) + 5.0
+    assert effective_rank(features, chunk_rows=7) == pytest.approx(effective_rank(features), rel=1e-9)

@@ -119,18 +119,23 @@ def _feature_dim(model: nn.Module, dataset: Dataset, device: torch.device, featu
     return feature_fn(model, image).shape[1]
 
 
-def effective_rank(features: torch.Tensor) -> float:
+def effective_rank(features: torch.Tensor, chunk_rows: int = 65536) -> float:
     """Effective rank of a feature matrix ``[N, D]``: ``exp(H)`` with ``H`` the entropy of the normalised spectrum
     ``p_i = s_i^2 / sum_j s_j^2`` of the centred features (``s`` the singular values). Between 1 (every sample on
     one line) and ``min(N - 1, D)`` (variance spread evenly over that many directions): a dimensional-collapse
-    indicator, as in Roy & Vetterli (2007). Computed in float64 on the features' device; 0 for fewer than 2 rows or
-    constant features."""
+    indicator, as in Roy & Vetterli (2007). The ``s_i^2`` are the eigenvalues of the ``[D, D]`` scatter matrix,
+    accumulated in float64 over ``chunk_rows`` rows at a time (no copy of the whole matrix, so 1.28 M x 768 features
+    are fine); 0 for fewer than 2 rows or constant features."""
     if features.shape[0] < 2:
         return 0.0
-    centred = features.double() - features.double().mean(dim=0, keepdim=True)
-    power = torch.linalg.svdvals(centred).pow(2)
+    mean = features.mean(dim=0, dtype=torch.float64)
+    scatter = features.new_zeros(features.shape[1], features.shape[1], dtype=torch.float64)
+    for start in range(0, features.shape[0], chunk_rows):
+        centred = features[start : start + chunk_rows].double() - mean
+        scatter.addmm_(centred.T, centred)
+    power = torch.linalg.eigvalsh(scatter).clamp_min(0)
     total = power.sum()
-    if not torch.isfinite(total) or total <= 0:
+    if not torch.isfinite(total) or total <= 1e-12 * max(float(mean.abs().max()) ** 2, 1.0) * features.shape[0]:
         return 0.0
     p = power / total
     entropy = -(p * torch.log(p.clamp_min(1e-300))).sum()
