@@ -49,7 +49,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--use_bn_in_head", default=False, type=bool_flag, help="batch norm in the projection head")
     model.add_argument("--drop_path_rate", default=0.1, type=float, help="stochastic depth rate of the student")
-
     model.add_argument(
         "--koleo_loss_weight",
         default=0.0,
