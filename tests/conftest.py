@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -80,6 +81,17 @@ def run_script(args: list[str], timeout: float = 300, env: dict | None = None, n
     else:
         cmd = [sys.executable, *args]
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_benchmark_quick(script: str, flags: list[str], json_path: Path, timeout: float = 300):
+    """Run ``benchmarks/<script> --quick <flags> --json <json_path>``; check it exits 0 and that its last stdout line is
+    the JSON report it wrote. Returns ``(report, stdout)``."""
+    command = [sys.executable, f"benchmarks/{script}", "--quick", *flags, "--json", str(json_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(Path(json_path).read_text())
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == report
+    return report, result.stdout
 
 
 @pytest.fixture(scope="session")

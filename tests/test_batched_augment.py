@@ -3,11 +3,8 @@ for fixed parameters, parameter statistics, determinism, shapes, and the benchma
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
+from tests.conftest import run_benchmark_quick
 from utils.augment import IMAGENET_MEAN, IMAGENET_STD
 from utils.batched_augment import (
     BatchedMultiCrop,
@@ -340,17 +338,7 @@ def test_parameters_drawn_on_the_cpu_for_an_integer_seed():
 
 
 def test_benchmark_quick_json(tmp_path):
-    out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, "benchmarks/bench_augment.py", "--quick", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(out.read_text())
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == report
+    report, stdout = run_benchmark_quick("bench_augment.py", [], tmp_path / "bench.json")
     for key in ("config", "results", "speedup", "speedup_best_of", "speedup_cpu_time", "target_speedup", "target_met"):
         assert key in report
     assert set(report["results"]) == {"per_image", "per_image_collate", "batched", "batched_out"}
@@ -362,4 +350,4 @@ def test_benchmark_quick_json(tmp_path):
         assert len(r["times_s"]) == report["config"]["repeats"]
     assert report["config"]["torch_threads"] == 1 and report["config"]["quick"]
     assert report["speedup"] > 0 and isinstance(report["target_met"], bool)
-    assert "speedup batched / per-image" in result.stdout
+    assert "speedup batched / per-image" in stdout

@@ -14,6 +14,7 @@ import pytest
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
+from tests.conftest import run_benchmark_quick
 from utils.knn import default_chunk_size, knn_classifier, knn_predict, topk_smallest_index_ties
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -348,12 +349,7 @@ def test_peak_memory_is_far_below_full_similarity_matrix():
 
 
 def test_benchmark_quick_json(tmp_path):
-    out = tmp_path / "bench.json"
-    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_knn.py"), "--quick", "--json", str(out)]
-    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == report
+    report, _ = run_benchmark_quick("bench_knn.py", [], tmp_path / "bench.json")
     assert {"config", "results", "speedup_vs_sklearn", "full_similarity_bytes", "predictions_match_sklearn"} <= set(
         report
     )

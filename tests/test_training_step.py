@@ -2,6 +2,7 @@ import argparse
 
 import torch
 
+from tests.conftest import run_benchmark_quick
 from utils.loss import DINOLoss
 from utils.models import build_dino_models
 from utils.optim import build_optimizer, get_params_groups
@@ -79,23 +80,7 @@ def test_looped_reference_loss_equals_vectorised_loss():
 
 
 def test_train_step_benchmark_quick_mode_emits_valid_json(tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    out = tmp_path / "step.json"
-    result = subprocess.run(
-        [sys.executable, "benchmarks/bench_train_step.py", "--quick", "--threads", "1", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads(out.read_text())
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == report
+    report, _ = run_benchmark_quick("bench_train_step.py", ["--threads", "1"], tmp_path / "step.json")
     for key in (
         "lean_step_s",
         "official_step_s",
