@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +26,6 @@ from utils.batched_augment import (
     shift_hue,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 MODES = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
 
