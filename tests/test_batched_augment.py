@@ -19,7 +19,11 @@ from utils.batched_augment import (
     BatchedMultiCrop,
     Workspace,
     apply_view,
+    blur,
+    blur_radius,
+    color_jitter,
     gaussian_blur,
+    processing_order,
     resized_crop,
     sample_crop_boxes,
     sample_params,
@@ -125,6 +129,41 @@ def test_the_comparison_can_fail():
     for key in ("flip", "grayscale"):
         changed = dict(params, **{key: ~params[key]})
         assert (out[1] - reference_view(images[1], changed, 1, 32, "bicubic")).abs().max() > 1e-2
+
+
+def test_processing_order_groups_the_work():
+    """Jittered samples first, grouped by the pass of their hue turn; in each group the blurred ones first, by
+    kernel radius: so that every jitter pass is one hue run and at most two blend runs."""
+    params = sample_params(200, 3, 32, 32, scale=(0.4, 1.0), blur_prob=0.5)
+    perm = processing_order(params, 32)
+    assert sorted(perm.tolist()) == list(range(200))
+    p = {k: v[perm] for k, v in params.items()}
+    group = torch.where(p["jitter"], (p["jitter_order"] == 3).int().argmax(dim=1), 4)
+    assert torch.all(group[1:] >= group[:-1])
+    for g in range(5):
+        blurred, radius = p["blur"][group == g], blur_radius(p["sigma"][group == g], 31)
+        assert torch.all(blurred[1:] <= blurred[:-1])  # blurred first
+        assert torch.all(radius[blurred][1:] >= radius[blurred][:-1])
+    for k in range(4):  # the samples whose turn is hue are one run in every pass
+        hue = (p["jitter"] & (p["jitter_order"][:, k] == 3)).nonzero()[:, 0]
+        assert len(hue) > 0 and hue.max() - hue.min() + 1 == len(hue)
+
+
+def test_jitter_and_blur_do_not_depend_on_the_sample_order():
+    """color_jitter and blur work on runs of samples, fastest when sorted, correct in any order: a shuffled batch
+    gives the shuffled results (and the sorted order used by apply_view gives the same as well)."""
+    params = exercise_everything(sample_params(30, 5, 32, 32, scale=(0.4, 1.0), blur_prob=0.5), seed=2)
+    x = torch.rand(30, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+
+    def jitter_and_blur(images, p):
+        y = color_jitter(images.clone(), p["jitter"], p["jitter_factors"], p["jitter_order"], ws=Workspace())
+        return blur(y, p["blur"], p["sigma"])
+
+    expected = jitter_and_blur(x, params)
+    for perm in (torch.randperm(30, generator=torch.Generator().manual_seed(1)), processing_order(params, 24)):
+        shuffled = jitter_and_blur(x[perm], {k: v[perm] for k, v in params.items()})
+        torch.testing.assert_close(shuffled, expected[perm], atol=1e-6, rtol=0)
+    assert not torch.allclose(expected, x, atol=1e-3)  # the operations did something
 
 
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])

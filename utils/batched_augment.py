@@ -42,12 +42,12 @@ Per view, in DINO's order (the per-image pipeline's, see ``utils/augment.py``):
    random order per sample like torchvision's ``ColorJitter`` (a uniformly random permutation). Exact and
    vectorised in 4 passes: in pass ``k`` every sample applies the operation that is ``k``-th in its own order.
    Brightness, contrast and saturation are blends ``clamp(f * x + (1 - f) * target)`` (target 0, the mean grey
-   level, the grey image), i.e. ``clamp(M x + c)`` with a per-sample 3 x 3 colour matrix and offset: one batched
-   matrix product per pass for the whole batch (the identity for the samples whose turn is hue or that are not
-   jittered). Hue is computed only for the samples whose turn it is, RGB → HSV → RGB with torchvision's tensor
-   formulas rewritten without branches (:func:`shift_hue`). The grey level is ``0.2989 R + 0.587 G + 0.114 B`` as
-   in torchvision's tensor ops (PIL: 0.299 / 0.587 / 0.114 in integer arithmetic; PIL's hue shift is also
-   quantised to 1/255 of a turn and its results rounded to uint8 after every operation).
+   level, the grey image), computed as ``clamp(f x + t)`` with one per-sample product and sum over the channels
+   (:func:`_blend`). Hue is computed only for the samples whose turn it is, RGB → HSV → RGB with torchvision's
+   tensor formulas rewritten without branches (:func:`shift_hue`). The grey level is
+   ``0.2989 R + 0.587 G + 0.114 B`` as in torchvision's tensor ops (PIL: 0.299 / 0.587 / 0.114 in integer
+   arithmetic; PIL's hue shift is also quantised to 1/255 of a turn and its results rounded to uint8 after every
+   operation).
 3. **Grayscale** with p 0.2 (the same grey level, on the 3 channels).
 4. **Gaussian blur** with per-sample sigma uniform in [0.1, 2.0], with p 1.0 on the first global view, 0.1 on the
    second and 0.5 on the local views; only the blurred samples are computed. The per-image pipeline uses PIL's
@@ -66,11 +66,20 @@ integer seed), so a seed gives the same parameters on every device, and the mask
 it one by one (to ~1e-6; ``tests/test_batched_augment.py``). Unlike the PIL pipeline, intermediate results are not
 rounded to uint8 after each operation.
 
-*CPU speed.* On a CPU the batch is processed in chunks of :data:`CPU_CHUNK` samples (working tensors of a few MB)
+*Order of work.* :func:`apply_view` first sorts the samples (images and parameters alike, a cheap copy of the uint8
+sources) by :func:`processing_order`: jittered samples grouped by the pass of their hue turn, and within each group
+the blurred ones by kernel radius. Every jitter pass then touches one contiguous run of hue samples and at most
+two runs of blended ones, the blur a few runs of near-equal radius, all as slices (views) of the batch, while the
+samples left alone are not touched; the last step writes each sample back to its place (one gather into the
+output) before normalising.
+
+*CPU speed.* On a CPU each view is processed in chunks of :data:`CPU_CHUNK_PIXELS` output pixels (64 global crops)
 whose working tensors are kept in a :class:`Workspace` between chunks and calls, because fresh multi-megabyte
-tensors cost page faults comparable to the arithmetic; per-channel operations use scalars, and the hue avoids
-``torch.where`` and channel reductions — both an order of magnitude slower than plain arithmetic in PyTorch's CPU
-kernels. See ``benchmarks/bench_augment.py`` for the comparison with the per-image pipeline.
+tensors cost page faults comparable to the arithmetic (see also ``utils/host_memory.py``); per-channel operations
+use scalars, per-sample factors are applied as in-place products (a fused ``addcmul`` with per-sample operands is
+several times slower), and the hue avoids ``torch.where`` and channel reductions — both an order of magnitude
+slower than plain arithmetic in PyTorch's CPU kernels. The per-chunk plan (which samples each pass touches) is made
+on the host with NumPy. See ``benchmarks/bench_augment.py`` for the comparison with the per-image pipeline.
 
 Use (training loop, one call per batch; see also ``benchmarks/bench_augment.py``)::
 
@@ -84,12 +93,13 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from utils.augment import IMAGENET_MEAN, IMAGENET_STD
-from utils.augment_params import GeneratorLike, as_generator, sample_crop_boxes, sample_params
+from utils.augment_params import JITTER_OPS, GeneratorLike, as_generator, sample_crop_boxes, sample_params
 
 __all__ = [
     "BatchedMultiCrop",
@@ -101,6 +111,7 @@ __all__ = [
     "gaussian_blur",
     "grayscale",
     "normalize",
+    "processing_order",
     "resampling_matrices",
     "resized_crop",
     "sample_crop_boxes",
@@ -112,9 +123,11 @@ __all__ = [
 SOLARIZE_THRESHOLD = 128 / 255
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 INTERPOLATIONS = ("bicubic", "bilinear")
-#: Samples processed together on a CPU: keeps the working tensors in cache (and small enough to be recycled by the
-#: memory allocator instead of being mapped afresh, page faults and all, at every operation). Other devices: the batch.
-CPU_CHUNK = 32
+#: Output pixels of one view processed together on a CPU (64 global crops of 128 px, 256 local crops of 64 px): large
+#: enough that the per-operation cost of the few hundred tensor operations of a chunk is small, small enough for
+#: the working tensors to stay in the last-level cache (measured: 4x this is no faster, a quarter 10-30% slower).
+#: Other devices: the whole batch at once.
+CPU_CHUNK_PIXELS = 64 * 128 * 128
 #: Padded input of one blur convolution on a CPU (samples at a time): measured fastest around the L2 cache size.
 CONV_CHUNK_BYTES = 1 << 20
 
@@ -233,20 +246,28 @@ def resized_crop(
     if images.dtype == torch.uint8:
         cols = cols.mul_(1 / 255)
     like = rows
-    source = images if images.dtype == torch.float32 else _scratch(ws, "source", images.shape, like).copy_(images)
-    # along the width (one product per sample: [C H, W] @ [W, S]), then along the height (per sample and channel),
-    # clipping to [0, 1] after each pass as PIL does (bicubic overshoots; the bilinear weights are convex)
-    mid = _scratch(ws, "resize_mid", (batch, channels * height, size), like)
-    torch.bmm(source.reshape(batch, channels * height, width), cols.transpose(1, 2), out=mid)
-    out = _scratch(ws, "view", (batch, channels, size, size), like) if out is None else out
+    # along the width: one product per sample, [H C, W] @ [W, S], on the source laid out row by row (h, c, w), so
+    # that the height pass is one product per sample too, [S, H] @ [H, C S] (larger and faster than one per
+    # channel); the result, laid out (row, channel, column), is put in channel-first order by the last clip or
+    # copy. Clipped to [0, 1] after each pass as PIL does (bicubic overshoots; the bilinear weights are convex).
+    source = _scratch(ws, "source", (batch, height, channels, width), like).copy_(images.permute(0, 2, 1, 3))
+    mid = _scratch(ws, "resize_mid", (batch, height, channels * size), like)
+    torch.bmm(source.view(batch, height * channels, width), cols.transpose(1, 2), out=mid.view(batch, -1, size))
     if interpolation == "bicubic":
         mid.clamp_(0, 1)
-    torch.matmul(rows[:, None], mid.view(batch, channels, height, size), out=out)
-    return out.clamp_(0, 1) if interpolation == "bicubic" else out
+    product = torch.bmm(rows, mid, out=_scratch(ws, "resize_product", (batch, size, channels * size), like))
+    product = product.view(batch, size, channels, size).permute(0, 2, 1, 3)
+    out = _scratch(ws, "view", (batch, channels, size, size), like) if out is None else out
+    return torch.clamp(product, 0, 1, out=out) if interpolation == "bicubic" else out.copy_(product)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Colour
+
+
+@lru_cache(maxsize=8)
+def _gray_weights(dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(GRAY_WEIGHTS, dtype=dtype, device=device)
 
 
 def _gray(x: Tensor, out: Tensor | None = None) -> Tensor:
@@ -279,14 +300,15 @@ def shift_hue(x: Tensor, shift: Tensor, out: Tensor | None = None, ws: Workspace
     not_r = torch.sub(maxc, r, out=_scratch(ws, "hue_a", plane, x)).sign_()  # 1 where red is not the maximum
     only_b = torch.sub(maxc, g, out=_scratch(ws, "hue_b", plane, x)).sign_().mul_(not_r)  # neither red nor green
     # h * C = (g - b) + not_r * [(2C + b - r) - (g - b)] + only_b * [(4C + r - g) - (2C + b - r)]
-    base = torch.add(r, g, out=_scratch(ws, "hue_c", plane, x)).add_(b).neg_().add_(chroma, alpha=2)
+    #       = (g - b) - not_r * [(s - 2C) - 3b] - only_b * [(s - 2C) - 3r],  s = r + g + b
+    excess = torch.add(r, g, out=_scratch(ws, "hue_c", plane, x)).add_(b).sub_(chroma, alpha=2)  # s - 2C
     hue = torch.sub(g, b, out=_scratch(ws, "hue", plane, x))
-    term = torch.add(base, b, alpha=3, out=_scratch(ws, "hue_d", plane, x))
-    hue.addcmul_(not_r, term)
-    hue.addcmul_(only_b, torch.add(base, r, alpha=3, out=term))
+    term = torch.add(excess, b, alpha=-3, out=_scratch(ws, "hue_d", plane, x))
+    hue.addcmul_(not_r, term, value=-1)
+    hue.addcmul_(only_b, torch.add(excess, r, alpha=-3, out=term), value=-1)
     hue.div_(torch.clamp(chroma, min=torch.finfo(x.dtype).tiny, out=not_r))
     hue.add_(shift.to(x.device, x.dtype).mul(6).view(batch, 1, 1))
-    hue.sub_(torch.mul(hue, 1 / 6, out=only_b).floor_(), alpha=6)  # mod 6
+    hue.sub_(torch.mul(hue, 1 / 6, out=only_b).floor_(), alpha=6)  # mod 6 (torch.remainder is 4x slower)
     out = torch.empty_like(x) if out is None else out
     for channel, (offset, slope, intercept) in enumerate(((3.0, 1.0, -1.0), (2.0, -1.0, 2.0), (4.0, -1.0, 2.0))):
         pure = torch.sub(hue, offset, out=term).abs_()
@@ -295,47 +317,78 @@ def shift_hue(x: Tensor, shift: Tensor, out: Tensor | None = None, ws: Workspace
     return out
 
 
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous runs ``[start, stop)`` of the true entries of a 1-D bool array."""
+    padded = np.zeros(len(mask) + 2, dtype=np.int8)
+    padded[1:-1] = mask
+    edges = np.flatnonzero(padded[1:] != padded[:-1]).tolist()
+    return list(zip(edges[::2], edges[1::2], strict=True))
+
+
+def processing_order(params: dict[str, Tensor], size: int) -> Tensor:
+    """A permutation of the samples of one view (parameters of :func:`sample_params`, output ``size`` px) under
+    which :func:`color_jitter` and :func:`blur` do the least work: the jittered samples first, grouped by the pass
+    in which their hue turn comes, the others last; within each group the blurred samples first, by kernel radius.
+    Then in every jitter pass the samples whose turn is hue form one contiguous run and those blended at most two,
+    the blurred samples form at most five runs of near-equal radius, and every operation works on slices (views)
+    of the batch instead of gathered copies."""
+    hue_pass = (params["jitter_order"] == JITTER_OPS.index("hue")).to(torch.int8).argmax(dim=1)
+    group = torch.where(params["jitter"], hue_pass, 4)
+    radius = blur_radius(params["sigma"], size - 1)
+    return torch.argsort(group * 16 + torch.where(params["blur"], radius, 8), stable=True)
+
+
+def _per_sample(values: np.ndarray, like: Tensor, dims: int = 3) -> Tensor:
+    """Host values ``[n]`` as a tensor ``[n, 1, ..., 1]`` (``dims`` ones) of ``like``'s dtype and device."""
+    return torch.from_numpy(values.astype(np.float32)).to(like.device, like.dtype).view(-1, *([1] * dims))
+
+
+def _blend(x: Tensor, op: np.ndarray, factor: np.ndarray, ws: Workspace | None) -> None:
+    """Brightness (``op`` 0), contrast (1) or saturation (2) of each sample of ``x`` ``[n, 3, H, W]`` (in place;
+    ``op``, ``factor`` host arrays ``[n]``): ``clamp(f x + (1 - f) target, 0, 1)``, target 0, the mean grey level
+    or the grey image, computed as ``clamp(f x + t)`` with ``t = a * grey + c`` per sample (``a = 1 - f`` for
+    saturation, ``c = (1 - f) mean`` for contrast, else 0): a product and a sum broadcast over the channels, plus
+    the grey image where some sample needs it. (A fused ``addcmul`` with two per-sample operands is several times
+    slower on CPUs.)"""
+    keep = 1 - factor
+    saturation, contrast = op == 2, op == 1
+    offset = target = None
+    if contrast.any():
+        mean_grey = x.flatten(2).mean(dim=2) @ _gray_weights(x.dtype, x.device)  # [n]
+        offset = _per_sample(keep * contrast, x, dims=0).mul_(mean_grey).view(-1, 1, 1, 1)
+    if saturation.any():
+        grey = _gray(x, out=_scratch(ws, "jitter_grey", (x.shape[0], *x.shape[2:]), x))
+        target = grey.mul_(_per_sample(keep * saturation, x, dims=2)).unsqueeze(1)
+        if offset is not None:
+            target.add_(offset)
+    x.mul_(_per_sample(factor, x))
+    if target is not None or offset is not None:
+        x.add_(target if target is not None else offset)
+    x.clamp_(0, 1)
+
+
 def color_jitter(x: Tensor, apply: Tensor, factors: Tensor, order: Tensor, ws: Workspace | None = None) -> Tensor:
     """Torchvision's ``ColorJitter`` with per-sample factors and order, where ``apply[b]``; ``x`` float
-    ``[B, 3, H, W]`` in [0, 1] (overwritten; the result is returned, possibly in a workspace buffer).
+    ``[B, 3, H, W]`` in [0, 1], changed in place and returned.
 
-    Pass ``k`` applies, to every sample, the operation ``order[b, k]`` (0 brightness, 1 contrast, 2 saturation,
-    3 hue). Brightness, contrast and saturation are the blends ``clamp(f * x + (1 - f) * target, 0, 1)`` with
-    target 0, the image's mean grey level, its grey image: all three are ``clamp(M x + c)`` with a per-sample 3 x 3
-    colour matrix ``M`` (``f I``, or ``f I + (1 - f) 1 w^T`` for saturation, ``w`` the grey weights) and offset
-    ``c`` (``(1 - f) w . mean(x)`` for contrast), so one batched matrix product per pass blends every sample (the
-    identity where the sample's turn is hue or where it is not jittered). The hue rotation is computed only for
-    the samples whose turn it is.
+    Pass ``k`` applies, to every jittered sample, the operation ``order[b, k]`` (0 brightness, 1 contrast,
+    2 saturation, 3 hue): the blends ``clamp(f x + (1 - f) target)`` (target 0, the image's mean grey level, its
+    grey image; :func:`_blend`) on the samples whose turn is a blend, :func:`shift_hue` on those whose turn is hue,
+    each on contiguous runs of samples (slices). Correct in any sample order; fastest when the samples are sorted
+    by :func:`processing_order` (as :func:`apply_view` does), where every pass is one hue run and at most two
+    blend runs. The parameters are read on the host (they are small), and the plan made there.
     """
-    batch, channels, height, width = x.shape
-    device, pixels = x.device, height * width
-    spare = _scratch(ws, "jitter_spare", x.shape, x)
-    eye = torch.eye(3, dtype=torch.float64, device=order.device)  # built where the parameters live
-    grey_rows = torch.tensor(GRAY_WEIGHTS, dtype=torch.float64, device=order.device).expand(3, 3)  # rows w^T
-    weights = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=device)
+    apply, order = apply.cpu().numpy(), order.cpu().numpy()
+    factors = factors.cpu().numpy().astype(np.float64)
+    rows = np.arange(len(order))
     for k in range(4):
         op = order[:, k]
-        f = factors.gather(1, op[:, None])[:, 0].to(torch.float64)
-        blend = apply & (op != 3)
-        if bool(blend.any()):
-            f_blend = torch.where(blend, f, 1.0)
-            keep = (1 - f_blend)[:, None, None]
-            matrix = f_blend[:, None, None] * eye + (keep * (op == 2)[:, None, None]) * grey_rows
-            matrix = matrix.to(device, x.dtype)
-            flat, flat_out = x.view(batch, channels, pixels), spare.view(batch, channels, pixels)
-            contrast = blend & (op == 1)
-            if bool(contrast.any()):
-                mean_grey = flat.mean(dim=2) @ weights  # [B]
-                offset = (keep[:, :, 0] * contrast[:, None]).to(device, x.dtype) * mean_grey[:, None]
-                torch.baddbmm(offset[:, :, None].expand(batch, channels, 1), matrix, flat, out=flat_out)
-            else:
-                torch.bmm(matrix, flat, out=flat_out)
-            x, spare = spare.clamp_(0, 1), x
-        hue = apply & (op == 3)
-        if bool(hue.any()):
-            index = _indices(hue, device)
-            part = torch.index_select(x, 0, index, out=_scratch(ws, "hue_in", (len(index), *x.shape[1:]), x))
-            x.index_copy_(0, index, shift_hue(part, f[hue], out=part, ws=ws))
+        f = factors[rows, op]
+        for start, stop in _runs(apply & (op != 3)):
+            _blend(x[start:stop], op[start:stop], f[start:stop], ws)
+        for start, stop in _runs(apply & (op == 3)):
+            part = x[start:stop]
+            shift_hue(part, torch.from_numpy(f[start:stop]), out=part, ws=ws)
     return x
 
 
@@ -396,19 +449,19 @@ def gaussian_blur(x: Tensor, sigma: Tensor, out: Tensor | None = None, max_sampl
     return out
 
 
-def blur(x: Tensor, apply: Tensor, sigma: Tensor, ws: Workspace | None = None) -> Tensor:
-    """Gaussian-blur the images where ``apply[b]`` with standard deviation ``sigma[b]`` (in place)."""
-    if bool(apply.any()):
-        size = min(x.shape[2:])
-        index = apply.nonzero()[:, 0]
-        sigma = sigma[index]
-        by_radius = torch.argsort(blur_radius(sigma, size - 1), stable=True)  # fewest zero taps
-        index, sigma = index[by_radius].to(x.device), sigma[by_radius]
-        part = torch.index_select(x, 0, index, out=_scratch(ws, "blur_in", (len(index), *x.shape[1:]), x))
-        # on a CPU, convolutions over ~1 MB of padded input at a time run fastest (cache-resident)
-        padded_bytes = x.shape[1] * (x.shape[2] + 12) * (x.shape[3] + 12) * x.element_size()
-        max_samples = max(1, CONV_CHUNK_BYTES // padded_bytes) if x.device.type == "cpu" else None
-        x.index_copy_(0, index, gaussian_blur(part, sigma, out=part, max_samples=max_samples))
+def blur(x: Tensor, apply: Tensor, sigma: Tensor) -> Tensor:
+    """Gaussian-blur the images where ``apply[b]`` with standard deviation ``sigma[b]`` (in place), one
+    :func:`gaussian_blur` per contiguous run of blurred samples: fastest when the samples are sorted by kernel radius
+    within each run (:func:`processing_order`)."""
+    apply = apply.cpu().numpy()
+    if not apply.any():
+        return x
+    # on a CPU, convolutions over ~1 MB of padded input at a time run fastest (cache-resident)
+    padded_bytes = x.shape[1] * (x.shape[2] + 12) * (x.shape[3] + 12) * x.element_size()
+    max_samples = max(1, CONV_CHUNK_BYTES // padded_bytes) if x.device.type == "cpu" else None
+    for start, stop in _runs(apply):
+        part = x[start:stop]
+        gaussian_blur(part, sigma[start:stop], out=part, max_samples=max_samples)
     return x
 
 
@@ -448,13 +501,22 @@ def apply_view(
         raise ValueError(f"expected RGB images [B, 3, H, W], got shape {tuple(images.shape)}")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    # work in the order that suits the colour jitter and the blur (images and parameters permuted alike), and put
+    # the samples back in their places when writing the result
+    perm = processing_order(params, size)
+    sorted_already = bool((perm == torch.arange(len(perm), device=perm.device)).all())
+    if not sorted_already:
+        params = {key: value[perm] for key, value in params.items()}
+        images = images.index_select(0, perm.to(images.device))
     x = resized_crop(images, params["crop"], params["flip"], size, interpolation, ws=ws)
     x = color_jitter(x, params["jitter"], params["jitter_factors"], params["jitter_order"], ws=ws)
     x = grayscale(x, params["grayscale"], ws=ws)
-    x = blur(x, params["blur"], params["sigma"], ws=ws)
+    x = blur(x, params["blur"], params["sigma"])
     x = solarize(x, params["solarize"])
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if not sorted_already:
+        x = torch.index_select(x, 0, torch.argsort(perm).to(x.device), out=out)
     return normalize(x, out=out)
 
 
@@ -467,7 +529,8 @@ class BatchedMultiCrop(nn.Module):
     ``utils.reproducibility.sample_seed(seed, epoch, rank, step)``); the output is a pure function of the images
     and the seed (and of the generator's state for a generator).
 
-    ``chunk_size``: samples processed together (default: :data:`CPU_CHUNK` on a CPU, the whole batch elsewhere);
+    ``chunk_size``: samples processed together (default: :data:`CPU_CHUNK_PIXELS` worth on a CPU, the whole batch
+    elsewhere);
     results do not depend on it. ``reuse_buffers``: on a CPU, keep the working tensors between chunks and calls
     (a :class:`Workspace`, about 40 MB at the default sizes; one module per thread then).
     """
@@ -534,9 +597,9 @@ class BatchedMultiCrop(nn.Module):
         ):
             raise ValueError(f"out must be contiguous float32 tensors of shapes {shapes} on {device}")
         on_cpu = device.type == "cpu"
-        chunk = self.chunk_size or (CPU_CHUNK if on_cpu else max(batch, 1))
         ws = self.workspace if on_cpu and self.reuse_buffers else None
         for p, cfg, view_out in zip(params, configs, out, strict=True):
+            chunk = self.chunk_size or (max(1, CPU_CHUNK_PIXELS // cfg["size"] ** 2) if on_cpu else max(batch, 1))
             for start in range(0, batch, chunk):  # chunks of samples, each processed at once
                 part = slice(start, start + chunk)
                 chunk_params = {k: v[part] for k, v in p.items()}
