@@ -30,6 +30,7 @@ from utils.distributed import (
     init_distributed_mode,
     is_main_process,
 )
+from utils.host_memory import retain_freed_memory
 from utils.image_cache import CachedImages, cached_image_dataset, default_cache_dir
 from utils.knn_online import evaluate_knn
 from utils.loss import DINOLoss
@@ -430,6 +431,8 @@ def train_dino(args: argparse.Namespace) -> dict:
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if ctx.device.type == "cuda" and not args.deterministic:
         torch.backends.cudnn.benchmark = True
+    if ctx.device.type == "cpu" and retain_freed_memory():
+        log("host memory: freed blocks kept for reuse (no page faults on each step's fresh tensors)")
     try:
         return DINOPretraining(args, ctx).run()
     finally:
