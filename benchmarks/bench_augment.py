@@ -46,6 +46,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from utils.augment import DataAugmentationDINO  # noqa: E402
 from utils.batched_augment import BatchedMultiCrop  # noqa: E402
+from utils.host_memory import HOST_MEMORY_MODES, configure_host_memory  # noqa: E402
 from utils.synthetic import SYNTHETIC_CLASSES, render_sample  # noqa: E402
 
 METHODS = ("per_image", "per_image_collate", "batched", "batched_out")
@@ -173,7 +174,7 @@ def format_table(report: dict) -> str:
     lines = [
         f"multi-crop augmentation: {cfg['num_images']} images of {cfg['image_size']} px, {crops}, batches of "
         f"{cfg['batch_size']}, {cfg['repeats']} repeats, {cfg['torch_threads']} torch thread(s), "
-        f"{cfg['cpu_count']} CPUs, batched interpolation {cfg['interpolation']}",
+        f"{cfg['cpu_count']} CPUs, batched interpolation {cfg['interpolation']}, host memory {cfg['host_memory']}",
         f"{'method':<20}{'img/s median':>14}{'min':>10}{'max':>10}{'img/s (cpu)':>14}{'vs per_image':>14}",
     ]
     for method, r in report["results"].items():
@@ -203,6 +204,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk-size", type=int, default=None, help="BatchedMultiCrop's chunk_size (default: auto)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: one core)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--host-memory",
+        choices=HOST_MEMORY_MODES,
+        default="retain",
+        help="retain: freed host memory kept for reuse, as CPU training does (utils/host_memory.py); default: "
+        "glibc's own behaviour. Process-wide: both pipelines run under it",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON report here")
     return parser.parse_args(argv)
 
@@ -210,6 +218,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    host_memory = configure_host_memory(args.host_memory)
     preset = QUICK if args.quick else FULL
     cfg = {
         "num_images": args.num_images or preset["num_images"],
@@ -223,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         "chunk_size": args.chunk_size,
         "seed": args.seed,
         "quick": args.quick,
+        "host_memory": host_memory,
     }
     report = summarise(cfg, time_methods(cfg))
     print(format_table(report))

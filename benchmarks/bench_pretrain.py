@@ -31,6 +31,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import main_dino  # noqa: E402
 from utils.distributed import init_distributed_mode  # noqa: E402
+from utils.host_memory import HOST_MEMORY_MODES, configure_host_memory  # noqa: E402
 from utils.pretraining import DINOPretraining  # noqa: E402
 from utils.synthetic import generate_synthetic_dataset  # noqa: E402
 
@@ -89,7 +90,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=None, help="measurements per pipeline")
     parser.add_argument("--data_path", default=None, help="embedded dataset folder (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the JSON report to this file")
+    parser.add_argument(
+        "--host_memory",
+        choices=HOST_MEMORY_MODES,
+        default="retain",
+        help="retain: freed host memory kept for reuse, as main_dino does on a CPU (utils/host_memory.py); "
+        "default: glibc's own behaviour. Process-wide: both pipelines (and their forked workers) run under it",
+    )
     args = parser.parse_args(argv)
+    host_memory = configure_host_memory(args.host_memory)
     cfg = dict(QUICK if args.quick else FULL)
     cfg.update({k: v for k, v in (("iters", args.iters), ("repeats", args.repeats)) if v})
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,13 +111,22 @@ def main(argv: list[str] | None = None) -> dict:
                 rates[name].append(measure(data, cfg, flags, args.device))
     medians = {name: statistics.median(v) for name, v in rates.items()}
     report = {
-        "config": {**cfg, "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "config": {
+            **cfg,
+            "device": args.device,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "host_memory": host_memory,
+        },
         "images_per_s": {
             name: {"median": medians[name], "min": min(v), "max": max(v), "all": v} for name, v in rates.items()
         },
         "speedup": medians["cache_batched"] / medians["per_image_jpeg_worker"],
     }
-    print(f"end-to-end pretraining, {cfg['iters']} iterations of batch {cfg['batch']}, device {args.device}")
+    print(
+        f"end-to-end pretraining, {cfg['iters']} iterations of batch {cfg['batch']}, device {args.device}, "
+        f"host memory {host_memory}"
+    )
     print(f"{'pipeline':<24} {'img/s (median)':>15} {'min':>8} {'max':>8}")
     for name, r in report["images_per_s"].items():
         print(f"{name:<24} {r['median']:>15.1f} {r['min']:>8.1f} {r['max']:>8.1f}")

@@ -28,6 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from utils.host_memory import HOST_MEMORY_MODES, configure_host_memory  # noqa: E402
 from utils.loss import DINOLoss  # noqa: E402
 from utils.models import build_dino_models  # noqa: E402
 from utils.optim import build_optimizer, get_params_groups, set_schedule_values  # noqa: E402
@@ -214,7 +215,8 @@ def run(cfg: dict, device: torch.device, peak_size: int = 2048) -> dict:
 def print_table(report: dict) -> None:
     print(
         f"DINO training step, {report['config']['device']}, {report['config']['threads']} threads, "
-        f"batch {report['config']['batch']}, out_dim {report['config']['out_dim']}"
+        f"batch {report['config']['batch']}, out_dim {report['config']['out_dim']}, "
+        f"host memory {report['config'].get('host_memory', 'default')}"
     )
     print(f"{'path':<10} {'step s (median)':>16} {'min':>8} {'max':>8} {'img/s':>8}")
     for path in ("lean", "official"):
@@ -239,13 +241,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats of each path")
     parser.add_argument("--json", default=None, help="also write the JSON report to this file")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--host_memory",
+        choices=HOST_MEMORY_MODES,
+        default="retain",
+        help="retain: freed host memory kept for reuse, as CPU training does (utils/host_memory.py); default: "
+        "glibc's own behaviour. Process-wide: both paths run under it",
+    )
     args = parser.parse_args(argv)
+    host_memory = configure_host_memory(args.host_memory)
     cfg = dict(QUICK if args.quick else FULL)
     if args.repeats:
         cfg["repeats"] = args.repeats
     if args.threads:
         torch.set_num_threads(args.threads)
     report = run(cfg, torch.device(args.device), peak_size=512 if args.quick else 2048)
+    report["config"]["host_memory"] = host_memory
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

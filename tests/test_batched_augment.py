@@ -379,6 +379,7 @@ def test_benchmark_quick_json(tmp_path):
     for key in ("config", "results", "speedup", "speedup_best_of", "speedup_cpu_time", "target_speedup", "target_met"):
         assert key in report
     assert set(report["results"]) == {"per_image", "per_image_collate", "batched", "batched_out"}
+    assert report["config"]["host_memory"] in ("retain", "default")
     for r in report["results"].values():
         keys = ("images_per_s", "images_per_s_min", "images_per_s_max", "images_per_s_cpu", "times_s")
         for key in (*keys, "speedup_vs_per_image"):

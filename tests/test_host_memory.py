@@ -51,3 +51,11 @@ def test_retained_memory_is_reused_without_page_faults():
     assert retained["took"] is True
     assert retained["faults"] < 0.05 * pages
     assert retained["checksum"] == default["checksum"]  # how memory is recycled, never what is computed
+
+
+def test_benchmark_mode_choice():
+    from utils.host_memory import configure_host_memory
+
+    assert configure_host_memory("default") == "default"
+    with pytest.raises(ValueError, match="host memory mode"):
+        configure_host_memory("jemalloc")

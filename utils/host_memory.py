@@ -40,3 +40,16 @@ def retain_freed_memory(up_to_bytes: int = RETAIN_UP_TO_BYTES) -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     limit = min(int(up_to_bytes), 2**31 - 1)
     return bool(mallopt(M_MMAP_THRESHOLD, limit)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+#: Choices of the benchmarks' host-memory flag: ``retain`` (what CPU training does, see ``train_dino``) or glibc's
+#: ``default`` behaviour.
+HOST_MEMORY_MODES = ("retain", "default")
+
+
+def configure_host_memory(mode: str) -> str:
+    """Apply a benchmark's ``--host_memory`` choice; returns the mode in effect (``default`` where retaining is not
+    available). The setting is process-wide: every path a benchmark compares runs under it."""
+    if mode not in HOST_MEMORY_MODES:
+        raise ValueError(f"host memory mode must be one of {HOST_MEMORY_MODES}, got {mode!r}")
+    return "retain" if mode == "retain" and retain_freed_memory() else "default"
