@@ -43,8 +43,8 @@ Per view, in DINO's order (the per-image pipeline's, see ``utils/augment.py``):
    vectorised in 4 passes: in pass ``k`` every sample applies the operation that is ``k``-th in its own order.
    Brightness, contrast and saturation are blends ``clamp(f * x + (1 - f) * target)`` (target 0, the mean grey
    level, the grey image), computed as ``clamp(f x + t)`` with one per-sample product and sum over the channels
-   (:func:`_blend`). Hue is computed only for the samples whose turn it is, RGB → HSV → RGB with torchvision's
-   tensor formulas rewritten without branches (:func:`shift_hue`). The grey level is
+   (``utils/batched_color.py``). Hue is computed only for the samples whose turn it is, RGB → HSV → RGB with
+   torchvision's tensor formulas rewritten without branches (:func:`shift_hue`). The grey level is
    ``0.2989 R + 0.587 G + 0.114 B`` as in torchvision's tensor ops (PIL: 0.299 / 0.587 / 0.114 in integer
    arithmetic; PIL's hue shift is also quantised to 1/255 of a turn and its results rounded to uint8 after every
    operation).
@@ -74,12 +74,13 @@ samples left alone are not touched; the last step writes each sample back to its
 output) before normalising.
 
 *CPU speed.* On a CPU each view is processed in chunks of :data:`CPU_CHUNK_PIXELS` output pixels (64 global crops)
-whose working tensors are kept in a :class:`Workspace` between chunks and calls, because fresh multi-megabyte
-tensors cost page faults comparable to the arithmetic (see also ``utils/host_memory.py``); per-channel operations
-use scalars, per-sample factors are applied as in-place products (a fused ``addcmul`` with per-sample operands is
-several times slower), and the hue avoids ``torch.where`` and channel reductions — both an order of magnitude
-slower than plain arithmetic in PyTorch's CPU kernels. The per-chunk plan (which samples each pass touches) is made
-on the host with NumPy. See ``benchmarks/bench_augment.py`` for the comparison with the per-image pipeline.
+whose working tensors are kept in a :class:`Workspace` (``utils/batch_workspace.py``) between chunks and calls,
+because fresh multi-megabyte tensors cost page faults comparable to the arithmetic (see also
+``utils/host_memory.py``); per-channel operations use scalars, per-sample factors are applied as in-place products
+(a fused ``addcmul`` with per-sample operands is several times slower), and the hue avoids ``torch.where`` and
+channel reductions — both an order of magnitude slower than plain arithmetic in PyTorch's CPU kernels. The
+per-chunk plan (which samples each pass touches) is made on the host with NumPy. See
+``benchmarks/bench_augment.py`` for the comparison with the per-image pipeline.
 
 Use (training loop, one call per batch; see also ``benchmarks/bench_augment.py``)::
 
@@ -93,13 +94,14 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from utils.augment import IMAGENET_MEAN, IMAGENET_STD
 from utils.augment_params import JITTER_OPS, GeneratorLike, as_generator, sample_crop_boxes, sample_params
+from utils.batch_workspace import Workspace, contiguous_runs, sample_indices, scratch
+from utils.batched_color import color_jitter, grayscale, shift_hue
 
 __all__ = [
     "BatchedMultiCrop",
@@ -121,7 +123,6 @@ __all__ = [
 ]
 
 SOLARIZE_THRESHOLD = 128 / 255
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 INTERPOLATIONS = ("bicubic", "bilinear")
 #: Output pixels of one view processed together on a CPU (64 global crops of 128 px, 256 local crops of 64 px): large
 #: enough that the per-operation cost of the few hundred tensor operations of a chunk is small, small enough for
@@ -130,52 +131,6 @@ INTERPOLATIONS = ("bicubic", "bilinear")
 CPU_CHUNK_PIXELS = 64 * 128 * 128
 #: Padded input of one blur convolution on a CPU (samples at a time): measured fastest around the L2 cache size.
 CONV_CHUNK_BYTES = 1 << 20
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Scratch memory
-
-
-class Workspace:
-    """Scratch tensors kept from call to call, by name (each grown to the largest size asked for).
-
-    On a CPU, every fresh multi-megabyte tensor is memory the kernel maps afresh, and the page faults of its first
-    write cost about as much as an elementwise operation on it; reusing the working tensors of one chunk for the next
-    (and for the next call) removes that cost. Not thread-safe: one workspace per thread. Not pickled (a data-loader
-    worker starts with an empty one). Other devices do not need it (their allocators cache blocks).
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        numel = math.prod(shape)
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
-            buffer = self._buffers[name] = torch.empty(numel, dtype=dtype, device=device)
-        return buffer[:numel].view(shape)
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
-    def clear(self) -> None:
-        self._buffers.clear()
-
-    def __getstate__(self) -> dict:
-        return {"_buffers": {}}
-
-
-def _scratch(ws: Workspace | None, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """An uninitialised float tensor of ``shape`` like ``like``: the workspace's ``name`` buffer, or a new one."""
-    if ws is None:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    return ws.get(name, shape, like.dtype, like.device)
-
-
-def _indices(mask: Tensor, device: torch.device) -> Tensor:
-    """Positions of the true entries of a parameter mask (found where the parameters live, usually the CPU, so
-    that an accelerator is not synchronised), on ``device``."""
-    return mask.nonzero()[:, 0].to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,156 +205,15 @@ def resized_crop(
     # that the height pass is one product per sample too, [S, H] @ [H, C S] (larger and faster than one per
     # channel); the result, laid out (row, channel, column), is put in channel-first order by the last clip or
     # copy. Clipped to [0, 1] after each pass as PIL does (bicubic overshoots; the bilinear weights are convex).
-    source = _scratch(ws, "source", (batch, height, channels, width), like).copy_(images.permute(0, 2, 1, 3))
-    mid = _scratch(ws, "resize_mid", (batch, height, channels * size), like)
+    source = scratch(ws, "source", (batch, height, channels, width), like).copy_(images.permute(0, 2, 1, 3))
+    mid = scratch(ws, "resize_mid", (batch, height, channels * size), like)
     torch.bmm(source.view(batch, height * channels, width), cols.transpose(1, 2), out=mid.view(batch, -1, size))
     if interpolation == "bicubic":
         mid.clamp_(0, 1)
-    product = torch.bmm(rows, mid, out=_scratch(ws, "resize_product", (batch, size, channels * size), like))
+    product = torch.bmm(rows, mid, out=scratch(ws, "resize_product", (batch, size, channels * size), like))
     product = product.view(batch, size, channels, size).permute(0, 2, 1, 3)
-    out = _scratch(ws, "view", (batch, channels, size, size), like) if out is None else out
+    out = scratch(ws, "view", (batch, channels, size, size), like) if out is None else out
     return torch.clamp(product, 0, 1, out=out) if interpolation == "bicubic" else out.copy_(product)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Colour
-
-
-@lru_cache(maxsize=8)
-def _gray_weights(dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.tensor(GRAY_WEIGHTS, dtype=dtype, device=device)
-
-
-def _gray(x: Tensor, out: Tensor | None = None) -> Tensor:
-    """Grey level ``[B, H, W]`` of RGB ``[B, 3, H, W]`` (torchvision's tensor weights)."""
-    r, g, b = x.unbind(dim=1)
-    return torch.mul(r, GRAY_WEIGHTS[0], out=out).add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2])
-
-
-def shift_hue(x: Tensor, shift: Tensor, out: Tensor | None = None, ws: Workspace | None = None) -> Tensor:
-    """Rotate the hue of RGB ``[B, 3, H, W]`` in [0, 1] by ``shift[b]`` turns, keeping saturation and value:
-    torchvision's tensor ``adjust_hue`` (RGB → HSV, ``h = (h + shift) mod 1``, HSV → RGB; ties between maximal
-    channels resolved red, then green, as there). ``out`` may be ``x`` (in place).
-
-    Written with arithmetic only — on CPUs ``torch.where``, comparisons and reductions over the channel axis are an
-    order of magnitude slower than ``+ - * / abs sign clamp floor`` — and channel by channel with scalar operands
-    (operands broadcast along the channel axis are slow too). Hue in sixths of a turn ``h``: ``(g - b) / C`` where
-    red is the maximum, ``2 + (b - r) / C`` where green is, ``4 + (r - g) / C`` where blue is (``C = max - min``,
-    the chroma; 0 for greys). Back to RGB: each channel is ``min + C * pure(h)``, with the fully saturated colour of
-    hue ``h`` ``pure = (|h - 3| - 1, 2 - |h - 2|, 2 - |h - 4|)`` clamped to [0, 1] (the six-sector HSV formula
-    written without sectors).
-    """
-    batch, _, height, width = x.shape
-    r, g, b = x.unbind(dim=1)
-    plane = (batch, height, width)
-    maxc = torch.maximum(r, g, out=_scratch(ws, "hue_max", plane, x))
-    maxc = torch.maximum(maxc, b, out=maxc)
-    minc = torch.minimum(r, g, out=_scratch(ws, "hue_min", plane, x))
-    minc = torch.minimum(minc, b, out=minc)
-    chroma = torch.sub(maxc, minc, out=_scratch(ws, "hue_chroma", plane, x))
-    not_r = torch.sub(maxc, r, out=_scratch(ws, "hue_a", plane, x)).sign_()  # 1 where red is not the maximum
-    only_b = torch.sub(maxc, g, out=_scratch(ws, "hue_b", plane, x)).sign_().mul_(not_r)  # neither red nor green
-    # h * C = (g - b) + not_r * [(2C + b - r) - (g - b)] + only_b * [(4C + r - g) - (2C + b - r)]
-    #       = (g - b) - not_r * [(s - 2C) - 3b] - only_b * [(s - 2C) - 3r],  s = r + g + b
-    excess = torch.add(r, g, out=_scratch(ws, "hue_c", plane, x)).add_(b).sub_(chroma, alpha=2)  # s - 2C
-    hue = torch.sub(g, b, out=_scratch(ws, "hue", plane, x))
-    term = torch.add(excess, b, alpha=-3, out=_scratch(ws, "hue_d", plane, x))
-    hue.addcmul_(not_r, term, value=-1)
-    hue.addcmul_(only_b, torch.add(excess, r, alpha=-3, out=term), value=-1)
-    hue.div_(torch.clamp(chroma, min=torch.finfo(x.dtype).tiny, out=not_r))
-    hue.add_(shift.to(x.device, x.dtype).mul(6).view(batch, 1, 1))
-    hue.sub_(torch.mul(hue, 1 / 6, out=only_b).floor_(), alpha=6)  # mod 6 (torch.remainder is 4x slower)
-    out = torch.empty_like(x) if out is None else out
-    for channel, (offset, slope, intercept) in enumerate(((3.0, 1.0, -1.0), (2.0, -1.0, 2.0), (4.0, -1.0, 2.0))):
-        pure = torch.sub(hue, offset, out=term).abs_()
-        pure = torch.add(torch.tensor(intercept, dtype=x.dtype), pure, alpha=slope, out=pure).clamp_(0, 1)
-        torch.addcmul(minc, pure, chroma, out=out[:, channel])
-    return out
-
-
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """Contiguous runs ``[start, stop)`` of the true entries of a 1-D bool array."""
-    padded = np.zeros(len(mask) + 2, dtype=np.int8)
-    padded[1:-1] = mask
-    edges = np.flatnonzero(padded[1:] != padded[:-1]).tolist()
-    return list(zip(edges[::2], edges[1::2], strict=True))
-
-
-def processing_order(params: dict[str, Tensor], size: int) -> Tensor:
-    """A permutation of the samples of one view (parameters of :func:`sample_params`, output ``size`` px) under
-    which :func:`color_jitter` and :func:`blur` do the least work: the jittered samples first, grouped by the pass
-    in which their hue turn comes, the others last; within each group the blurred samples first, by kernel radius.
-    Then in every jitter pass the samples whose turn is hue form one contiguous run and those blended at most two,
-    the blurred samples form at most five runs of near-equal radius, and every operation works on slices (views)
-    of the batch instead of gathered copies."""
-    hue_pass = (params["jitter_order"] == JITTER_OPS.index("hue")).to(torch.int8).argmax(dim=1)
-    group = torch.where(params["jitter"], hue_pass, 4)
-    radius = blur_radius(params["sigma"], size - 1)
-    return torch.argsort(group * 16 + torch.where(params["blur"], radius, 8), stable=True)
-
-
-def _per_sample(values: np.ndarray, like: Tensor, dims: int = 3) -> Tensor:
-    """Host values ``[n]`` as a tensor ``[n, 1, ..., 1]`` (``dims`` ones) of ``like``'s dtype and device."""
-    return torch.from_numpy(values.astype(np.float32)).to(like.device, like.dtype).view(-1, *([1] * dims))
-
-
-def _blend(x: Tensor, op: np.ndarray, factor: np.ndarray, ws: Workspace | None) -> None:
-    """Brightness (``op`` 0), contrast (1) or saturation (2) of each sample of ``x`` ``[n, 3, H, W]`` (in place;
-    ``op``, ``factor`` host arrays ``[n]``): ``clamp(f x + (1 - f) target, 0, 1)``, target 0, the mean grey level
-    or the grey image, computed as ``clamp(f x + t)`` with ``t = a * grey + c`` per sample (``a = 1 - f`` for
-    saturation, ``c = (1 - f) mean`` for contrast, else 0): a product and a sum broadcast over the channels, plus
-    the grey image where some sample needs it. (A fused ``addcmul`` with two per-sample operands is several times
-    slower on CPUs.)"""
-    keep = 1 - factor
-    saturation, contrast = op == 2, op == 1
-    offset = target = None
-    if contrast.any():
-        mean_grey = x.flatten(2).mean(dim=2) @ _gray_weights(x.dtype, x.device)  # [n]
-        offset = _per_sample(keep * contrast, x, dims=0).mul_(mean_grey).view(-1, 1, 1, 1)
-    if saturation.any():
-        grey = _gray(x, out=_scratch(ws, "jitter_grey", (x.shape[0], *x.shape[2:]), x))
-        target = grey.mul_(_per_sample(keep * saturation, x, dims=2)).unsqueeze(1)
-        if offset is not None:
-            target.add_(offset)
-    x.mul_(_per_sample(factor, x))
-    if target is not None or offset is not None:
-        x.add_(target if target is not None else offset)
-    x.clamp_(0, 1)
-
-
-def color_jitter(x: Tensor, apply: Tensor, factors: Tensor, order: Tensor, ws: Workspace | None = None) -> Tensor:
-    """Torchvision's ``ColorJitter`` with per-sample factors and order, where ``apply[b]``; ``x`` float
-    ``[B, 3, H, W]`` in [0, 1], changed in place and returned.
-
-    Pass ``k`` applies, to every jittered sample, the operation ``order[b, k]`` (0 brightness, 1 contrast,
-    2 saturation, 3 hue): the blends ``clamp(f x + (1 - f) target)`` (target 0, the image's mean grey level, its
-    grey image; :func:`_blend`) on the samples whose turn is a blend, :func:`shift_hue` on those whose turn is hue,
-    each on contiguous runs of samples (slices). Correct in any sample order; fastest when the samples are sorted
-    by :func:`processing_order` (as :func:`apply_view` does), where every pass is one hue run and at most two
-    blend runs. The parameters are read on the host (they are small), and the plan made there.
-    """
-    apply, order = apply.cpu().numpy(), order.cpu().numpy()
-    factors = factors.cpu().numpy().astype(np.float64)
-    rows = np.arange(len(order))
-    for k in range(4):
-        op = order[:, k]
-        f = factors[rows, op]
-        for start, stop in _runs(apply & (op != 3)):
-            _blend(x[start:stop], op[start:stop], f[start:stop], ws)
-        for start, stop in _runs(apply & (op == 3)):
-            part = x[start:stop]
-            shift_hue(part, torch.from_numpy(f[start:stop]), out=part, ws=ws)
-    return x
-
-
-def grayscale(x: Tensor, apply: Tensor, ws: Workspace | None = None) -> Tensor:
-    """Replace the images where ``apply[b]`` by their grey level on the 3 channels (in place)."""
-    if bool(apply.any()):
-        index = _indices(apply, x.device)
-        part = torch.index_select(x, 0, index, out=_scratch(ws, "gray_in", (len(index), *x.shape[1:]), x))
-        gray = _gray(part, out=_scratch(ws, "gray", (len(index), *x.shape[2:]), x))
-        x.index_copy_(0, index, gray.unsqueeze(1).expand_as(part))
-    return x
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -459,7 +273,7 @@ def blur(x: Tensor, apply: Tensor, sigma: Tensor) -> Tensor:
     # on a CPU, convolutions over ~1 MB of padded input at a time run fastest (cache-resident)
     padded_bytes = x.shape[1] * (x.shape[2] + 12) * (x.shape[3] + 12) * x.element_size()
     max_samples = max(1, CONV_CHUNK_BYTES // padded_bytes) if x.device.type == "cpu" else None
-    for start, stop in _runs(apply):
+    for start, stop in contiguous_runs(apply):
         part = x[start:stop]
         gaussian_blur(part, sigma[start:stop], out=part, max_samples=max_samples)
     return x
@@ -468,7 +282,7 @@ def blur(x: Tensor, apply: Tensor, sigma: Tensor) -> Tensor:
 def solarize(x: Tensor, apply: Tensor, threshold: float = SOLARIZE_THRESHOLD) -> Tensor:
     """Where ``apply[b]``, invert the values ``>= threshold`` (``1 - x``; in place)."""
     if bool(apply.any()):
-        index = _indices(apply, x.device)
+        index = sample_indices(apply, x.device)
         part = x.index_select(0, index)
         x.index_copy_(0, index, torch.where(part >= threshold, 1 - part, part))
     return x
@@ -483,6 +297,19 @@ def normalize(
     for channel, (m, s) in enumerate(zip(mean, std)):
         torch.add(torch.tensor(-m / s, dtype=x.dtype), x[:, channel], alpha=1 / s, out=out[:, channel])
     return out
+
+
+def processing_order(params: dict[str, Tensor], size: int) -> Tensor:
+    """A permutation of the samples of one view (parameters of :func:`sample_params`, output ``size`` px) under
+    which :func:`color_jitter` and :func:`blur` do the least work: the jittered samples first, grouped by the pass
+    in which their hue turn comes, the others last; within each group the blurred samples first, by kernel radius.
+    Then in every jitter pass the samples whose turn is hue form one contiguous run and those blended at most two,
+    the blurred samples form at most five runs of near-equal radius, and every operation works on slices (views)
+    of the batch instead of gathered copies."""
+    hue_pass = (params["jitter_order"] == JITTER_OPS.index("hue")).to(torch.int8).argmax(dim=1)
+    group = torch.where(params["jitter"], hue_pass, 4)
+    radius = blur_radius(params["sigma"], size - 1)
+    return torch.argsort(group * 16 + torch.where(params["blur"], radius, 8), stable=True)
 
 
 def apply_view(
