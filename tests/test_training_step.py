@@ -86,6 +86,7 @@ def test_train_step_benchmark_quick_mode_emits_valid_json(tmp_path):
         "official_step_s",
         "images_per_s",
         "outside_backbone_speedup",
+        "outside_backbone_derived_speedup",
         "flops_per_step",
         "matmul_peak_gflops",
         "fraction_of_peak",
@@ -93,6 +94,9 @@ def test_train_step_benchmark_quick_mode_emits_valid_json(tmp_path):
     ):
         assert key in report
     assert report["flops_per_step"] > 0 and report["images_per_s"]["lean"] > 0
+    outside = report["outside_backbone_s"]  # measured with the backbones cached: every repeat of both paths
+    assert len(outside["lean"]["all"]) == len(outside["official"]["all"]) == 2 * report["config"]["repeats"]
+    assert outside["lean"]["median"] < report["lean_step_s"]["median"]  # the backbones' work is left out
 
 
 def _sgd_state(student, teacher, koleo_weight):
@@ -152,3 +156,22 @@ def test_without_koleo_the_term_is_zero_and_the_step_unchanged():
     state = _sgd_state(plain_student, plain_teacher, 0.0)
     values = dict(zip(STEP_FIELDS, train_step(state, crops, 0, StepSchedule(1e-2, 0.0, 0.9)).tolist()))
     assert values["koleo_loss"] == 0.0
+
+
+def test_cached_backbone_stand_in_runs_everything_but_the_backbone():
+    """The benchmark's outside-the-backbone timing replaces both backbones by cached features: same outputs, and every
+    student parameter still gets a gradient (so clipping, the optimiser and the EMA do their full work)."""
+    from benchmarks.bench_train_step import without_backbones
+
+    crops = batches(1)[0]
+    student, teacher = models()
+    expected_student, expected_teacher = student(crops), teacher(crops[:2])
+    stand_in_student, stand_in_teacher = without_backbones(*models(), crops)
+    output = stand_in_student(crops)
+    torch.testing.assert_close(output, expected_student)
+    with torch.no_grad():
+        torch.testing.assert_close(stand_in_teacher(crops[:2]), expected_teacher)
+    output.square().sum().backward()
+    missing = [n for n, p in stand_in_student.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    assert all(p.grad.abs().sum() == 0 for p in stand_in_student.backbone.parameters())  # no backbone arithmetic
