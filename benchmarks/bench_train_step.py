@@ -208,7 +208,10 @@ def outside_backbone_times(cfg: dict, device: torch.device, crops) -> tuple[list
     for repeat in range(cfg["warmup"] + 2 * cfg["repeats"]):
         for path in ("lean", "official") if repeat % 2 == 0 else ("official", "lean"):
             timer = Timer(device)
-            lean_step(lean_state, crops, timer) if path == "lean" else official_step(official, crops, timer)
+            if path == "lean":
+                lean_step(lean_state, crops, timer)
+            else:
+                official_step(official, crops, timer)
             if repeat >= cfg["warmup"]:
                 (lean_times if path == "lean" else official_times).append(sum(timer.times.values()))
     return lean_times, official_times
