@@ -36,7 +36,7 @@ from utils.host_memory import HOST_MEMORY_MODES, configure_host_memory  # noqa: 
 from utils.loss import DINOLoss  # noqa: E402
 from utils.models import build_dino_models, group_by_resolution  # noqa: E402
 from utils.optim import build_optimizer, get_params_groups, set_schedule_values  # noqa: E402
-from utils.reference_step import looped_dino_loss, reference_optimizer  # noqa: E402
+from utils.reference_step import looped_dino_loss, reference_optimizer, use_official_last_layer  # noqa: E402
 from utils.training import DINOState, StepSchedule, train_step  # noqa: E402
 
 FULL = {"global": 128, "local": 64, "batch": 32, "out_dim": 65536, "local_crops": 2, "repeats": 5, "warmup": 1}
@@ -125,7 +125,8 @@ class Timer:
 
 
 def official_step(parts, crops, timer: Timer) -> None:
-    """The official structure: looped loss, per-tensor AdamW, loss.item() every step, Python-loop EMA."""
+    """The official structure: looped loss, per-tensor AdamW, loss.item() every step, Python-loop EMA, the head's last
+    layer as ``nn.utils.weight_norm``."""
     student, teacher, loss_module, optimizer = parts
     set_schedule_values(optimizer, 1e-4, 0.04)
     with timer.phase("teacher_forward"), torch.no_grad():
@@ -195,6 +196,8 @@ def lean_state_of(student, teacher, loss_module, device) -> DINOState:
 
 
 def official_parts_of(student, teacher, loss_module) -> tuple:
+    """The official step's parts: its head's last layer (``nn.utils.weight_norm``) and its per-tensor AdamW."""
+    student, teacher = use_official_last_layer(student), use_official_last_layer(teacher)
     return student, teacher, loss_module, reference_optimizer(get_params_groups(student))
 
 

@@ -20,6 +20,7 @@ from utils.optim import build_optimizer, get_params_groups  # noqa: E402
 from utils.training import DINOState, StepSchedule, train_step  # noqa: E402
 
 BATCH, OUT_DIM = 8, 64
+ADAM_EPS = 1e-3  # updates proportional to the gradient below it, instead of lr * sign(rounding noise)
 
 
 def main(out_path: str, optimizer_name: str) -> None:
@@ -43,6 +44,9 @@ def main(out_path: str, optimizer_name: str) -> None:
     wrapped = DistributedDataParallel(student) if ctx.world_size > 1 else student
     loss = DINOLoss(OUT_DIM, 4, 0.04, 0.04, 0, 10)
     optimizer = build_optimizer(optimizer_name, get_params_groups(student))
+    if optimizer_name == "adamw":  # see test_two_process_step_equals_one_process_step_on_whole_batch
+        for group in optimizer.param_groups:
+            group["eps"] = ADAM_EPS
     state = DINOState(wrapped, teacher, student, loss, optimizer, None, ctx.device, clip_grad=0.5, freeze_last_layer=0)
     for _ in range(2):
         train_step(

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from utils.weight_norm import weight_norm_linear
+
 #: Short names, as in the official DINO code, for timm's ViTs; ``{p}`` is filled with ``--patch_size``.
 ARCH_ALIASES = {
     "vit_tiny": "vit_tiny_patch{p}_224",
@@ -131,7 +133,8 @@ class WeightNormLinear(nn.Module):
     """A bias-free linear layer with weight normalisation, ``W = g * V / ||V||`` row-wise.
 
     Parameters are named ``weight_g`` ``[out, 1]`` and ``weight_v`` ``[out, in]`` as in the official DINO head's
-    state dict. With ``fix_norm=True`` the norms ``g`` stay 1 (they get no gradient).
+    state dict. With ``fix_norm=True`` the norms ``g`` stay 1 (they get no gradient). The forward and backward are
+    :func:`utils.weight_norm.weight_norm_linear` (fused and blockwise on the CPU: no ``W`` is formed).
     """
 
     def __init__(self, in_dim: int, out_dim: int, fix_norm: bool = True):
@@ -145,7 +148,7 @@ class WeightNormLinear(nn.Module):
         return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return weight_norm_linear(x, self.weight_v, self.weight_g)
 
 
 class DINOHead(nn.Module):

@@ -2,19 +2,49 @@
 tested against (``benchmarks/bench_train_step.py``, ``tests/test_training_step.py``).
 
 Per-pair Python loop in the loss, PyTorch's default (per-tensor, non-fused) AdamW, one host synchronisation per step
-to check the loss, and a Python loop over parameters for the EMA. Gradient clipping is a global norm here too (the
-official per-tensor clip would make the two steps differ by design, not by implementation).
+to check the loss, a Python loop over parameters for the EMA, and the head's last layer as the official code builds
+it (``torch.nn.utils.weight_norm`` on a bias-free ``nn.Linear``: see :func:`use_official_last_layer`). Gradient
+clipping is a global norm here too (the official per-tensor clip would make the two steps differ by design, not by
+implementation).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.models import WeightNormLinear
 from utils.optim import cancel_gradients_last_layer, set_schedule_values
+
+
+def official_last_layer(layer: WeightNormLinear) -> nn.Linear:
+    """The official DINO head's last layer with ``layer``'s weights: ``nn.utils.weight_norm`` on a bias-free
+    ``nn.Linear`` (PyTorch's own weight-norm kernels; the same ``weight_g``/``weight_v`` parameters and keys)."""
+    out_dim, in_dim = layer.weight_v.shape
+    linear = nn.Linear(in_dim, out_dim, bias=False, device=layer.weight_v.device, dtype=layer.weight_v.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of parametrizations, as DINO uses it
+        linear = nn.utils.weight_norm(linear)
+    with torch.no_grad():
+        linear.weight_g.copy_(layer.weight_g)
+        linear.weight_v.copy_(layer.weight_v)
+    linear.weight_g.requires_grad_(layer.weight_g.requires_grad)
+    linear.weight_v.requires_grad_(layer.weight_v.requires_grad)
+    return linear
+
+
+def use_official_last_layer(model: nn.Module) -> nn.Module:
+    """Replace (in place) every :class:`WeightNormLinear` of ``model`` by :func:`official_last_layer`; returns it."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, WeightNormLinear):
+            setattr(model, name, official_last_layer(child))
+        else:
+            use_official_last_layer(child)
+    return model
 
 
 def looped_dino_loss(loss_module, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int):
