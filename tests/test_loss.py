@@ -106,3 +106,43 @@ def test_koleo_loss_is_lower_for_spread_features_and_its_gradient_spreads_them()
     koleo_loss(x).backward()
     with torch.no_grad():
         assert float(koleo_loss(x - 0.01 * x.grad)) < float(koleo_loss(bunched))  # a descent step spreads them
+
+
+# ------------------------------------------------------------------------------------------------ closed forms
+@pytest.mark.parametrize("ncrops,n_teacher", [(4, 2), (2, 2), (6, 2), (3, 1)])
+def test_cross_entropy_gradient_equals_autograd_of_the_pairwise_loop(ncrops, n_teacher):
+    """The closed-form backward of ``dino_cross_entropy`` == autograd through the plain pairwise loop (float64),
+    with an upstream gradient other than 1; and it passes finite differences."""
+    from utils.loss import dino_cross_entropy
+
+    generator = torch.Generator().manual_seed(ncrops)
+    batch, dim, temp = 3, 11, 0.1
+    student = (torch.randn(ncrops * batch, dim, dtype=torch.float64, generator=generator) * 3).requires_grad_()
+    teacher_p = F.softmax(torch.randn(n_teacher * batch, dim, dtype=torch.float64, generator=generator) * 4, dim=-1)
+    loss = dino_cross_entropy(student, teacher_p, ncrops, temp)
+    (grad,) = torch.autograd.grad(2.5 * loss, [student])
+
+    views, targets = (student / temp).chunk(ncrops), teacher_p.chunk(n_teacher)
+    terms = [
+        torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
+        for i, q in enumerate(targets)
+        for v, s in enumerate(views)
+        if v != i
+    ]
+    expected_loss = torch.stack(terms).mean()
+    (expected,) = torch.autograd.grad(2.5 * expected_loss, [student])
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda s: dino_cross_entropy(s, teacher_p, ncrops, temp), (student,))
+
+
+def test_sample_entropy_from_logits_equals_the_definition():
+    from utils.loss import collapse_stats
+
+    logits = torch.randn(6, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 20
+    p = F.softmax(logits, dim=-1)
+    from_logits, plain = collapse_stats(p, logits), collapse_stats(p)
+    expected = -(p * torch.log(p)).sum(dim=-1).mean()  # no zero probabilities at this scale in float64
+    torch.testing.assert_close(from_logits["teacher_sample_entropy"], expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(plain["teacher_sample_entropy"], expected, rtol=1e-10, atol=1e-12)
+    assert from_logits["teacher_mean_entropy"] == plain["teacher_mean_entropy"]

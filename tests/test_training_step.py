@@ -6,7 +6,12 @@ from tests.conftest import run_benchmark_quick
 from utils.loss import DINOLoss
 from utils.models import build_dino_models
 from utils.optim import build_optimizer, get_params_groups
-from utils.reference_step import looped_dino_loss, reference_optimizer, reference_train_step
+from utils.reference_step import (
+    looped_dino_loss,
+    reference_optimizer,
+    reference_train_step,
+    use_official_last_layer,
+)
 from utils.training import STEP_FIELDS, DINOState, StepSchedule, train_step
 
 
@@ -33,16 +38,19 @@ def batches(n, batch=4):
     ]
 
 
-def test_lean_step_equals_the_official_structure():
-    """Fused AdamW + foreach EMA + vectorised loss + device-side skip == per-tensor AdamW + looped loss and EMA.
+def test_lean_step_equals_the_official_structure(monkeypatch):
+    """Fused AdamW + foreach EMA + vectorised loss + device-side skip + our fused last layer == per-tensor AdamW +
+    looped loss and EMA + the official last layer (``nn.utils.weight_norm``).
 
     Adam's update is about lr * sign(grad) for gradients far below its eps, so the float noise of gradients that
     are zero in exact arithmetic (the key biases: softmax ignores them) would decide a whole lr-sized step in each
     path. A larger eps (1e-3, in both) makes such updates proportional to the gradient again: then every element of
-    both paths must agree.
+    both paths must agree. The last layer's blocks are made 5 rows (of 64) so that its blockwise path runs over
+    several blocks and a remainder.
     """
+    monkeypatch.setattr("utils.weight_norm.CPU_BLOCK_BYTES", 5 * 256 * 4)
     lean_student, lean_teacher = models()
-    ref_student, ref_teacher = models()
+    ref_student, ref_teacher = (use_official_last_layer(m) for m in models())
     lean_loss, ref_loss = DINOLoss(64, 4, 0.04, 0.07, 2, 5), DINOLoss(64, 4, 0.04, 0.07, 2, 5)
     state = DINOState(
         lean_student,

@@ -17,8 +17,9 @@ class DINOLoss(nn.Module):
     ``teacher_output``: ``[2 * B, D]`` logits of the two global crops. The teacher's distribution is
     ``softmax((t - center) / temp)`` with ``temp`` warmed up linearly over ``warmup_teacher_temp_epochs``; the
     student's is ``log_softmax(s / student_temp)``. The loss is the mean over every (teacher view ``i``, student
-    view ``v != i``) pair of the batch-mean cross-entropy. The centre is then updated by an EMA of the teacher's
-    batch mean, summed across processes. All pairs are computed at once, as one ``[2, V]`` matrix product.
+    view ``v != i``) pair of the batch-mean cross-entropy (:func:`dino_cross_entropy`: all pairs at once, as one
+    ``[2, V]`` matrix product, and a closed-form gradient). The centre is then updated by an EMA of the teacher's
+    batch mean, summed across processes.
 
     After each call ``last_stats`` holds detached collapse indicators: the entropy (nats) of the teacher's mean
     distribution (``log D`` when uniform, 0 when constant) and the mean entropy of its per-sample distributions.
@@ -51,15 +52,11 @@ class DINOLoss(nn.Module):
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
         student_output, teacher_output = student_output.float(), teacher_output.float()
-        n_teacher = teacher_output.shape[0] // (student_output.shape[0] // self.ncrops)
-        student_logp = F.log_softmax(student_output / self.student_temp, dim=-1)
-        teacher_p = F.softmax((teacher_output - self.center) / self.teacher_temp(epoch), dim=-1).detach()
-        # cross[i, v] = -sum over batch and classes of p_teacher_i * log p_student_v, divided by B.
-        batch = teacher_p.shape[0] // n_teacher
-        cross = -(teacher_p.reshape(n_teacher, -1) @ student_logp.reshape(self.ncrops, -1).T) / batch
-        same_view = torch.eye(n_teacher, self.ncrops, dtype=torch.bool, device=cross.device)
-        loss = cross.masked_fill(same_view, 0.0).sum() / (n_teacher * self.ncrops - n_teacher)
-        self.last_stats = collapse_stats(teacher_p)
+        with torch.no_grad():
+            teacher_logits = (teacher_output - self.center).div_(self.teacher_temp(epoch))
+            teacher_p = F.softmax(teacher_logits, dim=-1)
+            self.last_stats = collapse_stats(teacher_p, teacher_logits)
+        loss = dino_cross_entropy(student_output, teacher_p, self.ncrops, self.student_temp)
         self.update_center(teacher_output)
         return loss
 
@@ -73,13 +70,67 @@ class DINOLoss(nn.Module):
 
 
 @torch.no_grad()
-def collapse_stats(teacher_p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Entropies (nats) of the teacher's mean distribution and, averaged, of its per-sample ones. ``[N, D]`` → 0-d."""
+def collapse_stats(teacher_p: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Entropies (nats) of the teacher's mean distribution and, averaged, of its per-sample ones. ``[N, D]`` → 0-d.
+
+    With the logits ``z`` that ``teacher_p = softmax(z)`` came from, a sample's entropy is ``logsumexp(z) - p . z``,
+    and ``logsumexp(z) = max z - log max p`` (softmax is monotonic: both maxima sit at the same index, where ``p`` is
+    at least ``1 / D``): read-only passes instead of forming ``log p`` (``torch.logsumexp`` is 20x slower on CPUs)."""
     mean_p = teacher_p.mean(dim=0)
+    if teacher_logits is None:
+        sample_entropy = -(teacher_p * torch.log(teacher_p.clamp_min(1e-12))).sum(dim=-1)
+    else:
+        log_normaliser = teacher_logits.amax(dim=-1) - torch.log(teacher_p.amax(dim=-1))
+        sample_entropy = log_normaliser - torch.linalg.vecdot(teacher_p, teacher_logits)
     return {
         "teacher_mean_entropy": -(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum(),
-        "teacher_sample_entropy": -(teacher_p * torch.log(teacher_p.clamp_min(1e-12))).sum(dim=-1).mean(),
+        "teacher_sample_entropy": sample_entropy.mean(),
     }
+
+
+def dino_cross_entropy(
+    student_output: torch.Tensor, teacher_p: torch.Tensor, ncrops: int, student_temp: float
+) -> torch.Tensor:
+    """DINO's cross-entropy over every (teacher view ``i``, student view ``v != i``) pair, averaged over pairs and
+    over the batch: ``-mean_pairs mean_b sum_d q_i[b, d] log softmax(s_v[b] / student_temp)[d]``.
+
+    ``student_output``: ``[V * B, D]`` logits, view-major; ``teacher_p``: ``[T * B, D]`` probabilities (no gradient),
+    the ``T`` teacher views being the first ``T`` student views. Returns a 0-d tensor whose gradient with respect to
+    the student is computed in one closed form (:class:`_DINOCrossEntropy`).
+    """
+    return _DINOCrossEntropy.apply(student_output, teacher_p.detach(), ncrops, student_temp)
+
+
+class _DINOCrossEntropy(torch.autograd.Function):
+    """Forward: one log-softmax and one ``[T, V]`` matrix product of cross terms. Backward, for an upstream ``g``:
+
+    ``d loss / d s_v[b] = g / (tau * B * P) * (m_v[b] * softmax(s_v[b] / tau) - Q_v[b])``
+
+    with ``P`` the number of pairs, ``Q_v = sum_{i != v} q_i`` and ``m_v[b] = sum_d Q_v[b, d]`` (1 or 2 up to
+    rounding): two passes over the student's logits (an ``exp`` and one ``addmm``) instead of autograd's three."""
+
+    @staticmethod
+    def forward(ctx, student_output, teacher_p, ncrops, student_temp):
+        n_views, batch = ncrops, student_output.shape[0] // ncrops
+        n_teacher = teacher_p.shape[0] // batch
+        log_p = F.log_softmax(student_output * (1.0 / student_temp), dim=-1)
+        pairs = 1.0 - torch.eye(n_teacher, n_views, dtype=log_p.dtype, device=log_p.device)  # [T, V]
+        cross = teacher_p.reshape(n_teacher, -1) @ log_p.reshape(n_views, -1).T  # [T, V], summed over b and d
+        scale = 1.0 / (batch * (n_teacher * n_views - min(n_teacher, n_views)))
+        ctx.save_for_backward(log_p, teacher_p, pairs)
+        ctx.scale, ctx.student_temp = scale, student_temp
+        return -(cross * pairs).sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        log_p, teacher_p, pairs = ctx.saved_tensors
+        n_teacher, n_views = pairs.shape
+        coef = grad_loss * (ctx.scale / ctx.student_temp)
+        mass = pairs.T @ teacher_p.sum(dim=-1).view(n_teacher, -1)  # [V, B]
+        grad = torch.exp(log_p)
+        grad.view(n_views, mass.shape[1], -1).mul_((mass * coef).unsqueeze(-1))
+        grad.view(n_views, -1).addmm_(pairs.T * coef, teacher_p.view(n_teacher, -1), alpha=-1)
+        return grad, None, None, None
 
 
 def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
