@@ -77,9 +77,22 @@ def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float) ->
     grads = [p for p in parameters if p.grad is not None]
     if max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
+    return gradient_norm(grads)
+
+
+def gradient_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients (a 0-d device tensor; 0 when none has a gradient)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in grads])))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def clip_divisor(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What to divide the gradients by to clip their global norm ``grad_norm`` to ``max_norm``: ``max(1, (norm +
+    1e-6) / max_norm)``, the reciprocal of ``clip_grad_norm_``'s factor. Fused optimisers take it as ``grad_scale`` and
+    divide in their own pass over the gradients (no separate scaling pass)."""
+    return torch.clamp_min((grad_norm + 1e-6) / max_norm, 1.0)
 
 
 def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:

@@ -17,7 +17,15 @@ from torch import nn
 from utils.distributed import all_reduce_sum, get_world_size
 from utils.loss import DINOLoss, koleo_loss
 from utils.monitoring import ProgressMeter, TensorBoard, log
-from utils.optim import autocast, cancel_gradients_last_layer, clip_gradients, ema_update, set_schedule_values
+from utils.optim import (
+    autocast,
+    cancel_gradients_last_layer,
+    clip_divisor,
+    clip_gradients,
+    ema_update,
+    gradient_norm,
+    set_schedule_values,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -106,7 +114,11 @@ def train_step(state: DINOState, crops: list[torch.Tensor], epoch: int, schedule
         state.scaler.unscale_(state.optimizer)
     else:
         loss.backward()
-    grad_norm = clip_gradients(state.trainable, state.clip_grad).to(loss.device)
+    clip_in_optimizer = state.skips_on_device and state.clip_grad > 0  # fused AdamW divides by grad_scale itself
+    if clip_in_optimizer:
+        grad_norm = gradient_norm(state.trainable).to(loss.device)
+    else:
+        grad_norm = clip_gradients(state.trainable, state.clip_grad).to(loss.device)
     cancel_gradients_last_layer(epoch, state.student_module, state.freeze_last_layer)
 
     local_bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
@@ -117,6 +129,7 @@ def train_step(state: DINOState, crops: list[torch.Tensor], epoch: int, schedule
         state.scaler.update()
     elif state.skips_on_device:
         state.optimizer.found_inf = (~finite).float()
+        state.optimizer.grad_scale = clip_divisor(grad_norm, state.clip_grad) if clip_in_optimizer else None
         state.optimizer.step()
     elif bool(finite):  # an optimiser without a device-side skip: one host synchronisation
         state.optimizer.step()
