@@ -102,33 +102,39 @@ def dino_cross_entropy(
 
 
 class _DINOCrossEntropy(torch.autograd.Function):
-    """Forward: one log-softmax and one ``[T, V]`` matrix product of cross terms. Backward, for an upstream ``g``:
+    """Forward: one softmax of the student's scaled logits ``z = s / tau`` and two ``[T, V]`` matrix products, the
+    cross terms being ``sum q_i . log p_v = sum q_i . z_v - sum_b (sum_d q_i[b]) lse_v[b]`` with the row-wise
+    ``lse = logsumexp(z) = max z - log max p`` (see :func:`collapse_stats`). Backward, for an upstream ``g``:
 
-    ``d loss / d s_v[b] = g / (tau * B * P) * (m_v[b] * softmax(s_v[b] / tau) - Q_v[b])``
+    ``d loss / d s_v[b] = g / (tau * B * P) * (m_v[b] * p_v[b] - Q_v[b])``
 
     with ``P`` the number of pairs, ``Q_v = sum_{i != v} q_i`` and ``m_v[b] = sum_d Q_v[b, d]`` (1 or 2 up to
-    rounding): two passes over the student's logits (an ``exp`` and one ``addmm``) instead of autograd's three."""
+    rounding): a product and one ``addmm`` over the student's outputs, from the saved softmax (autograd's
+    log-softmax path takes three passes and a second ``exp``)."""
 
     @staticmethod
     def forward(ctx, student_output, teacher_p, ncrops, student_temp):
         n_views, batch = ncrops, student_output.shape[0] // ncrops
         n_teacher = teacher_p.shape[0] // batch
-        log_p = F.log_softmax(student_output * (1.0 / student_temp), dim=-1)
-        pairs = 1.0 - torch.eye(n_teacher, n_views, dtype=log_p.dtype, device=log_p.device)  # [T, V]
-        cross = teacher_p.reshape(n_teacher, -1) @ log_p.reshape(n_views, -1).T  # [T, V], summed over b and d
+        logits = student_output * (1.0 / student_temp)
+        p = F.softmax(logits, dim=-1)
+        lse = logits.amax(dim=-1) - torch.log(p.amax(dim=-1))  # [V * B]
+        teacher_mass = teacher_p.sum(dim=-1).view(n_teacher, batch)  # sum_d q_i[b]: 1 up to rounding
+        cross = teacher_p.view(n_teacher, -1) @ logits.view(n_views, -1).T  # [T, V], summed over b and d
+        cross -= teacher_mass @ lse.view(n_views, batch).T
+        pairs = 1.0 - torch.eye(n_teacher, n_views, dtype=p.dtype, device=p.device)  # [T, V]
         scale = 1.0 / (batch * (n_teacher * n_views - min(n_teacher, n_views)))
-        ctx.save_for_backward(log_p, teacher_p, pairs)
+        ctx.save_for_backward(p, teacher_p, teacher_mass, pairs)
         ctx.scale, ctx.student_temp = scale, student_temp
         return -(cross * pairs).sum() * scale
 
     @staticmethod
     def backward(ctx, grad_loss):
-        log_p, teacher_p, pairs = ctx.saved_tensors
+        p, teacher_p, teacher_mass, pairs = ctx.saved_tensors
         n_teacher, n_views = pairs.shape
         coef = grad_loss * (ctx.scale / ctx.student_temp)
-        mass = pairs.T @ teacher_p.sum(dim=-1).view(n_teacher, -1)  # [V, B]
-        grad = torch.exp(log_p)
-        grad.view(n_views, mass.shape[1], -1).mul_((mass * coef).unsqueeze(-1))
+        mass = pairs.T @ teacher_mass  # [V, B]
+        grad = torch.mul(p.view(n_views, mass.shape[1], -1), (mass * coef).unsqueeze(-1)).view_as(p)
         grad.view(n_views, -1).addmm_(pairs.T * coef, teacher_p.view(n_teacher, -1), alpha=-1)
         return grad, None, None, None
 
