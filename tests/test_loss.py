@@ -146,3 +146,21 @@ def test_sample_entropy_from_logits_equals_the_definition():
     torch.testing.assert_close(from_logits["teacher_sample_entropy"], expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(plain["teacher_sample_entropy"], expected, rtol=1e-10, atol=1e-12)
     assert from_logits["teacher_mean_entropy"] == plain["teacher_mean_entropy"]
+
+
+def test_loss_is_computed_in_float32_under_autocast():
+    """Mixed precision must not reach the loss's matrix products: under bf16 autocast the loss and its gradient
+    equal the float32 ones (bf16 products would be off by ~1e-2 relative)."""
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(4 * 16, 512, generator=generator) * 3
+    teacher = torch.randn(2 * 16, 512, generator=generator) * 3
+    results = []
+    for autocast in (False, True):
+        x = student.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = DINOLoss(512, 4, 0.04, 0.04, 0, 1)(x, teacher, 0)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    assert results[1][0].dtype == torch.float32
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-9)

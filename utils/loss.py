@@ -19,7 +19,8 @@ class DINOLoss(nn.Module):
     student's is ``log_softmax(s / student_temp)``. The loss is the mean over every (teacher view ``i``, student
     view ``v != i``) pair of the batch-mean cross-entropy (:func:`dino_cross_entropy`: all pairs at once, as one
     ``[2, V]`` matrix product, and a closed-form gradient). The centre is then updated by an EMA of the teacher's
-    batch mean, summed across processes.
+    batch mean, summed across processes. The loss runs in float32 under autocast too (its matrix products sum over
+    ``B * D`` products: in bf16/fp16 the cross terms would lose 2-3 digits).
 
     After each call ``last_stats`` holds detached collapse indicators: the entropy (nats) of the teacher's mean
     distribution (``log D`` when uniform, 0 when constant) and the mean entropy of its per-sample distributions.
@@ -51,7 +52,10 @@ class DINOLoss(nn.Module):
         return float(self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)])
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
-        student_output, teacher_output = student_output.float(), teacher_output.float()
+        with torch.autocast(student_output.device.type, enabled=False):  # float32 throughout, matrix products too
+            return self._forward(student_output.float(), teacher_output.float(), epoch)
+
+    def _forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
         with torch.no_grad():
             teacher_logits = (teacher_output - self.center).div_(self.teacher_temp(epoch))
             teacher_p = F.softmax(teacher_logits, dim=-1)
