@@ -102,7 +102,7 @@ def dino_cross_entropy(
     the ``T`` teacher views being the first ``T`` student views. Returns a 0-d tensor whose gradient with respect to
     the student is computed in one closed form (:class:`_DINOCrossEntropy`).
     """
-    return _DINOCrossEntropy.apply(student_output, teacher_p.detach(), ncrops, student_temp)
+    return _DINOCrossEntropy.apply(student_output.contiguous(), teacher_p.detach().contiguous(), ncrops, student_temp)
 
 
 class _DINOCrossEntropy(torch.autograd.Function):
@@ -133,6 +133,7 @@ class _DINOCrossEntropy(torch.autograd.Function):
         return -(cross * pairs).sum() * scale
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         p, teacher_p, teacher_mass, pairs = ctx.saved_tensors
         n_teacher, n_views = pairs.shape

@@ -74,6 +74,7 @@ class _WeightNormLinear(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, weight_v, norms, scale = ctx.saved_tensors
         need_x, need_v, need_g = ctx.needs_input_grad[:3]
