@@ -18,8 +18,9 @@ With ``n = ||V_j||`` and ``s = g / n`` per row ``j``, ``y[:, j] = s_j * (x @ V_j
 The fused path runs on the CPU in float32/float64 outside autocast and ``torch.compile``; elsewhere (GPUs, mixed
 precision, compiled graphs) the layer is the plain composition, whose kernels the device or the compiler fuses.
 
-Measured (2-core CPU, out_dim 65536, 128 student rows forward + backward and 64 teacher rows forward): 119-122 ms
-vs 140-155 ms for ``nn.utils.weight_norm`` (the official head's layer) and 176-190 ms for the composition.
+Measured with ``benchmarks/bench_last_layer.py`` (2-core CPU, out_dim 65536, 128 student rows forward + backward
+and 64 teacher rows forward): 131-134 ms vs 144-150 ms for ``nn.utils.weight_norm`` (the official head's layer,
+1.11-1.12x) and 171-183 ms for the composition (1.31-1.37x).
 The forward multiplies ``V_block @ x.T`` (25% faster here than ``x @ V_block.T``); its rounding can depend on the
 number of rows ``N`` (the BLAS picks its kernels by shape), i.e. a row's outputs may differ in the last bit between
 batch sizes.
