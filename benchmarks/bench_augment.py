@@ -26,7 +26,6 @@ The last line of stdout is the JSON report.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -44,9 +43,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench_common import add_host_memory_flag, emit_report  # noqa: E402
+
 from utils.augment import DataAugmentationDINO  # noqa: E402
 from utils.batched_augment import BatchedMultiCrop  # noqa: E402
-from utils.host_memory import HOST_MEMORY_MODES, configure_host_memory  # noqa: E402
+from utils.host_memory import configure_host_memory  # noqa: E402
 from utils.synthetic import SYNTHETIC_CLASSES, render_sample  # noqa: E402
 
 METHODS = ("per_image", "per_image_collate", "batched", "batched_out")
@@ -204,13 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk-size", type=int, default=None, help="BatchedMultiCrop's chunk_size (default: auto)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: one core)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--host-memory",
-        choices=HOST_MEMORY_MODES,
-        default="retain",
-        help="retain: freed host memory kept for reuse, as CPU training does (utils/host_memory.py); default: "
-        "glibc's own behaviour. Process-wide: both pipelines run under it",
-    )
+    add_host_memory_flag(parser, "both pipelines run under it", flag="--host-memory")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON report here")
     return parser.parse_args(argv)
 
@@ -236,12 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     report = summarise(cfg, time_methods(cfg))
     print(format_table(report))
-    text = json.dumps(report)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text)
-    return report
+    return emit_report(report, args.json)
 
 
 if __name__ == "__main__":

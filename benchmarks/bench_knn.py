@@ -35,6 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench_common import emit_report  # noqa: E402
+
 from utils.knn import knn_predict  # noqa: E402
 
 METHODS = ("tinydino", "sklearn_brute_n_jobs1", "sklearn_brute_default")
@@ -227,10 +229,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     memory = {m: measure_memory(m, cfg, args.seed) for m in METHODS}
     report = summarise(cfg, times, outputs, memory)
     print(format_table(report))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report))
-    return report
+    return emit_report(report, args.json)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import statistics
 import sys
 import tempfile
@@ -29,9 +28,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench_common import add_host_memory_flag, emit_report  # noqa: E402
+
 import main_dino  # noqa: E402
 from utils.distributed import init_distributed_mode  # noqa: E402
-from utils.host_memory import HOST_MEMORY_MODES, configure_host_memory  # noqa: E402
+from utils.host_memory import configure_host_memory  # noqa: E402
 from utils.pretraining import DINOPretraining  # noqa: E402
 from utils.synthetic import generate_synthetic_dataset  # noqa: E402
 
@@ -90,13 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=None, help="measurements per pipeline")
     parser.add_argument("--data_path", default=None, help="embedded dataset folder (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the JSON report to this file")
-    parser.add_argument(
-        "--host_memory",
-        choices=HOST_MEMORY_MODES,
-        default="retain",
-        help="retain: freed host memory kept for reuse, as main_dino does on a CPU (utils/host_memory.py); "
-        "default: glibc's own behaviour. Process-wide: both pipelines (and their forked workers) run under it",
-    )
+    add_host_memory_flag(parser, "both pipelines (and their forked workers) run under it")
     args = parser.parse_args(argv)
     host_memory = configure_host_memory(args.host_memory)
     cfg = dict(QUICK if args.quick else FULL)
@@ -131,10 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r in report["images_per_s"].items():
         print(f"{name:<24} {r['median']:>15.1f} {r['min']:>8.1f} {r['max']:>8.1f}")
     print(f"speed-up of the cache + batched augmentation: {report['speedup']:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    print(json.dumps(report))
-    return report
+    return emit_report(report, args.json)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ The last line of stdout is the JSON report.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -32,7 +31,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from utils.host_memory import HOST_MEMORY_MODES, configure_host_memory  # noqa: E402
+from bench_common import add_host_memory_flag, base_parser, emit_report, preset_config  # noqa: E402
+
+from utils.host_memory import configure_host_memory  # noqa: E402
 from utils.loss import DINOLoss  # noqa: E402
 from utils.models import build_dino_models, group_by_resolution  # noqa: E402
 from utils.optim import build_optimizer, get_params_groups, set_schedule_values  # noqa: E402
@@ -300,33 +301,16 @@ def print_table(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (the test suite's smoke run)")
+    parser = base_parser(__doc__, "path")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats of each path")
-    parser.add_argument("--json", default=None, help="also write the JSON report to this file")
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
-    parser.add_argument(
-        "--host_memory",
-        choices=HOST_MEMORY_MODES,
-        default="retain",
-        help="retain: freed host memory kept for reuse, as CPU training does (utils/host_memory.py); default: "
-        "glibc's own behaviour. Process-wide: both paths run under it",
-    )
+    add_host_memory_flag(parser, "both paths run under it")
     args = parser.parse_args(argv)
     host_memory = configure_host_memory(args.host_memory)
-    cfg = dict(QUICK if args.quick else FULL)
-    if args.repeats:
-        cfg["repeats"] = args.repeats
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cfg = preset_config(args, QUICK, FULL)
     report = run(cfg, torch.device(args.device), peak_size=512 if args.quick else 2048)
     report["config"]["host_memory"] = host_memory
     print_table(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    print(json.dumps(report))
-    return report
+    return emit_report(report, args.json)
 
 
 if __name__ == "__main__":
