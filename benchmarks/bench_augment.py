@@ -43,8 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench_common import add_host_memory_flag, emit_report  # noqa: E402
-
+from benchmarks.bench_common import add_host_memory_flag, emit_report  # noqa: E402
 from utils.augment import DataAugmentationDINO  # noqa: E402
 from utils.batched_augment import BatchedMultiCrop  # noqa: E402
 from utils.host_memory import configure_host_memory  # noqa: E402

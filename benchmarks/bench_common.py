@@ -1,20 +1,16 @@
-"""What every benchmark script shares: the ``--host_memory`` flag and the report's output (a JSON file and the JSON
-line that ends stdout)."""
+"""What every benchmark script shares: the ``--host_memory`` flag, the common flags and presets, and the report's
+output (a JSON file and the JSON line that ends stdout). Imported as ``benchmarks.bench_common`` (the scripts put the
+repository root on ``sys.path`` first)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from utils.host_memory import HOST_MEMORY_MODES  # noqa: E402
+from utils.host_memory import HOST_MEMORY_MODES
 
 
 def base_parser(doc: str, repeated: str) -> argparse.ArgumentParser:

@@ -35,8 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench_common import emit_report  # noqa: E402
-
+from benchmarks.bench_common import emit_report  # noqa: E402
 from utils.knn import knn_predict  # noqa: E402
 
 METHODS = ("tinydino", "sklearn_brute_n_jobs1", "sklearn_brute_default")

@@ -28,9 +28,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench_common import add_host_memory_flag, emit_report  # noqa: E402
-
 import main_dino  # noqa: E402
+from benchmarks.bench_common import add_host_memory_flag, emit_report  # noqa: E402
 from utils.distributed import init_distributed_mode  # noqa: E402
 from utils.host_memory import configure_host_memory  # noqa: E402
 from utils.pretraining import DINOPretraining  # noqa: E402

@@ -31,8 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench_common import add_host_memory_flag, base_parser, emit_report, preset_config  # noqa: E402
-
+from benchmarks.bench_common import add_host_memory_flag, base_parser, emit_report, preset_config  # noqa: E402
 from utils.host_memory import configure_host_memory  # noqa: E402
 from utils.loss import DINOLoss  # noqa: E402
 from utils.models import build_dino_models, group_by_resolution  # noqa: E402
