@@ -5,10 +5,12 @@
 (b) ``batched``: :class:`utils.batched_augment.BatchedMultiCrop` on the same images as one uint8 tensor
     ``[N, 3, 64, 64]``, called once per batch of ``--batch-size`` images with an integer seed per batch.
 
-Two more rows for context (the target compares (b) with (a)): ``per_image_collate`` is (a) plus what a data loader
+More rows for context (the target compares (b) with (a)): ``per_image_collate`` is (a) plus what a data loader
 does next, stacking each batch's crops into ``[B, 3, S, S]`` tensors (``default_collate``); ``batched_out`` is (b)
 writing into the previous batch's output tensors (``out=``), which spares the page faults of fresh multi-megabyte
-outputs on a CPU.
+outputs on a CPU; ``batched_tensor_ops`` is (b) without the compiled CPU kernels (``compiled=False``: tensor
+operations only, as on other devices; (b) uses the kernels when Numba is installed, see the report's
+``compiled_kernels``).
 
 Same crops for both (2 global + ``--local-crops-number`` local, default 2 x 128 px + 2 x 64 px). Images are the
 embedded synthetic dataset's (``utils.synthetic.render_sample``: shapes, textures, noise), rendered in memory.
@@ -45,11 +47,11 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks.bench_common import add_host_memory_flag, emit_report  # noqa: E402
 from utils.augment import DataAugmentationDINO  # noqa: E402
-from utils.batched_augment import BatchedMultiCrop  # noqa: E402
+from utils.batched_augment import BatchedMultiCrop, uses_compiled_kernels  # noqa: E402
 from utils.host_memory import configure_host_memory  # noqa: E402
 from utils.synthetic import SYNTHETIC_CLASSES, render_sample  # noqa: E402
 
-METHODS = ("per_image", "per_image_collate", "batched", "batched_out")
+METHODS = ("per_image", "per_image_collate", "batched", "batched_out", "batched_tensor_ops")
 TARGET_SPEEDUP = 3.0
 FULL = {"num_images": 512, "batch_size": 128, "repeats": 5}
 QUICK = {"num_images": 16, "batch_size": 8, "repeats": 2}
@@ -94,6 +96,9 @@ def time_methods(cfg: dict) -> dict[str, dict[str, list[float]]]:
     }
     per_image = DataAugmentationDINO(**crops)
     batched = BatchedMultiCrop(**crops, interpolation=cfg["interpolation"], chunk_size=cfg["chunk_size"])
+    tensor_ops = BatchedMultiCrop(
+        **crops, interpolation=cfg["interpolation"], chunk_size=cfg["chunk_size"], compiled=False
+    )
     pil_images, images = make_images(cfg["num_images"], cfg["image_size"], cfg["seed"])
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
@@ -103,9 +108,10 @@ def time_methods(cfg: dict) -> dict[str, dict[str, list[float]]]:
         "per_image_collate": lambda: run_per_image_collate(per_image, pil_images, bs),
         "batched": lambda: run_batched(batched, images, bs, cfg["seed"], reuse=False),
         "batched_out": lambda: run_batched(batched, images, bs, cfg["seed"], reuse=True),
+        "batched_tensor_ops": lambda: run_batched(tensor_ops, images, bs, cfg["seed"], reuse=False),
     }
     check_outputs(calls["per_image"](), calls["batched"](), cfg)  # warm-up and sanity check
-    calls["per_image_collate"](), calls["batched_out"]()
+    calls["per_image_collate"](), calls["batched_out"](), calls["batched_tensor_ops"]()
     times: dict[str, dict[str, list[float]]] = {m: {"wall": [], "cpu": []} for m in METHODS}
     for repeat in range(cfg["repeats"]):
         for method in METHODS if repeat % 2 == 0 else METHODS[::-1]:  # alternate the order
@@ -152,6 +158,7 @@ def summarise(cfg: dict, times: dict) -> dict:
             "torch": torch.__version__,
             "torchvision": torchvision.__version__,
             "pillow": PIL.__version__,
+            "compiled_kernels": uses_compiled_kernels(torch.device("cpu")),
             "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
@@ -174,7 +181,8 @@ def format_table(report: dict) -> str:
     lines = [
         f"multi-crop augmentation: {cfg['num_images']} images of {cfg['image_size']} px, {crops}, batches of "
         f"{cfg['batch_size']}, {cfg['repeats']} repeats, {cfg['torch_threads']} torch thread(s), "
-        f"{cfg['cpu_count']} CPUs, batched interpolation {cfg['interpolation']}, host memory {cfg['host_memory']}",
+        f"{cfg['cpu_count']} CPUs, batched interpolation {cfg['interpolation']}, host memory {cfg['host_memory']}, "
+        f"compiled CPU kernels {'on' if cfg['compiled_kernels'] else 'off (numba not installed)'}",
         f"{'method':<20}{'img/s median':>14}{'min':>10}{'max':>10}{'img/s (cpu)':>14}{'vs per_image':>14}",
     ]
     for method, r in report["results"].items():

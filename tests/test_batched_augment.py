@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from tests.conftest import run_benchmark_quick
+from utils import augment_kernels
 from utils.augment import IMAGENET_MEAN, IMAGENET_STD
 from utils.batched_augment import (
     BatchedMultiCrop,
@@ -31,6 +32,9 @@ from utils.batched_augment import (
 )
 
 MODES = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+needs_numba = pytest.mark.skipif(not augment_kernels.AVAILABLE, reason="the compiled kernels need numba")
+#: Both CPU paths for everything after the resize: tensor operations, compiled kernels (utils/augment_kernels.py)
+COMPILED = [False, pytest.param(True, marks=needs_numba)]
 
 
 def smooth_images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -91,27 +95,30 @@ def exercise_everything(params: dict, seed: int) -> dict:
     return params
 
 
+@pytest.mark.parametrize("compiled", COMPILED)
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
 @pytest.mark.parametrize(
     ("source", "size", "scale"),
     [(32, 48, (0.4, 1.0)), (32, 24, (0.08, 0.4)), (32, 12, (0.3, 1.0)), (64, 128, (0.4, 1.0)), (64, 64, (0.08, 0.4))],
 )
-def test_each_sample_equals_torchvision_functional_ops(interpolation, source, size, scale):
+def test_each_sample_equals_torchvision_functional_ops(interpolation, source, size, scale, compiled):
     """Enlarging crops (DINO's 128 and 64 px from 64 px images; 48 and 24 px from 32 px) and shrinking ones (12 px:
-    antialiased), every operation switched on for some samples."""
+    antialiased), every operation switched on for some samples; tensor operations and compiled kernels."""
     batch = 30 if size <= 64 else 12
     images = smooth_images(batch, source)
     params = sample_params(batch, 7, source, source, scale=scale, blur_prob=0.5, solarize_prob=0.2)
     params = exercise_everything(params, seed=size)
-    out = apply_view(images, params, size, interpolation)
+    out = apply_view(images, params, size, interpolation, compiled=compiled)
     assert out.shape == (batch, 3, size, size) and out.dtype == torch.float32
     for b in range(batch):
         expected = reference_view(images[b], params, b, size, interpolation)
         torch.testing.assert_close(out[b], expected, atol=5e-5, rtol=0, msg=f"sample {b}")
 
 
-def test_module_views_equal_apply_view_on_sampled_params():
-    augment = BatchedMultiCrop(local_crops_number=1, global_crop_size=40, local_crop_size=20, chunk_size=4)
+@pytest.mark.parametrize("compiled", COMPILED)
+def test_module_views_equal_apply_view_on_sampled_params(compiled):
+    kwargs = {"global_crop_size": 40, "local_crop_size": 20, "chunk_size": 4, "compiled": compiled}
+    augment = BatchedMultiCrop(local_crops_number=1, **kwargs)
     images = smooth_images(10, 32, seed=1)
     params = augment.sample_params(10, 3, 32, 32)
     crops = augment.apply(images, params)
@@ -121,11 +128,12 @@ def test_module_views_equal_apply_view_on_sampled_params():
             torch.testing.assert_close(crops[v][b], expected, atol=5e-5, rtol=0)
 
 
-def test_the_comparison_can_fail():
+@pytest.mark.parametrize("compiled", COMPILED)
+def test_the_comparison_can_fail(compiled):
     """The reference differs from the pipeline when one parameter differs (so the equality tests have teeth)."""
     images = smooth_images(4, 32)
     params = exercise_everything(sample_params(4, 0, 32, 32, scale=(0.4, 1.0), blur_prob=0.5), seed=0)
-    out = apply_view(images, params, 32)
+    out = apply_view(images, params, 32, compiled=compiled)
     for key in ("flip", "grayscale"):
         changed = dict(params, **{key: ~params[key]})
         assert (out[1] - reference_view(images[1], changed, 1, 32, "bicubic")).abs().max() > 1e-2
@@ -186,14 +194,20 @@ def test_resize_matches_pil(interpolation):
             assert diff.max() <= 1.5 and diff.mean() < 0.4, (size, b, diff.max(), diff.mean())
 
 
-@pytest.mark.parametrize("shift", [-0.5, -0.1, -0.03, 0.0, 0.07, 0.1, 0.5])
-def test_hue_matches_torchvision(shift):
-    g = torch.Generator().manual_seed(3)
-    x = torch.rand(5, 3, 20, 20, generator=g)
+def hue_test_images() -> torch.Tensor:
+    """float ``[5, 3, 20, 20]`` in [0, 1] with the hue's hard cases: greys, red = green and red = blue ties, many
+    exact ties and extremes (0, 1), and plain noise."""
+    x = torch.rand(5, 3, 20, 20, generator=torch.Generator().manual_seed(3))
     x[0] = x[0, :1]  # greys
     x[1, 1] = x[1, 0]  # red = green ties
     x[2, 2] = x[2, 0]  # red = blue ties
     x[3] = (x[3] * 4).round() / 4  # many exact ties and extremes (0, 1)
+    return x
+
+
+@pytest.mark.parametrize("shift", [-0.5, -0.1, -0.03, 0.0, 0.07, 0.1, 0.5])
+def test_hue_matches_torchvision(shift):
+    x = hue_test_images()
     ours = shift_hue(x, torch.full((5,), shift))
     for b in range(5):
         torch.testing.assert_close(ours[b], TF.adjust_hue(x[b], shift), atol=2e-6, rtol=0)
@@ -334,9 +348,10 @@ def test_same_seed_same_output_and_different_seed_differs():
     assert not torch.equal(same[0][0], same[0][1])
 
 
-def test_chunking_buffers_and_input_dtype_do_not_change_results():
+@pytest.mark.parametrize("compiled", COMPILED)
+def test_chunking_buffers_and_input_dtype_do_not_change_results(compiled):
     images = smooth_images(9, 32)
-    kwargs = {"global_crop_size": 32, "local_crop_size": 16}
+    kwargs = {"global_crop_size": 32, "local_crop_size": 16, "compiled": compiled}
     reference = BatchedMultiCrop(**kwargs, reuse_buffers=False)(images, 9)
     for variant in (BatchedMultiCrop(**kwargs, chunk_size=4), BatchedMultiCrop(**kwargs, chunk_size=100)):
         variant(images, 1)  # buffers used by another call first
@@ -378,7 +393,8 @@ def test_benchmark_quick_json(tmp_path):
     report, stdout = run_benchmark_quick("bench_augment.py", [], tmp_path / "bench.json")
     for key in ("config", "results", "speedup", "speedup_best_of", "speedup_cpu_time", "target_speedup", "target_met"):
         assert key in report
-    assert set(report["results"]) == {"per_image", "per_image_collate", "batched", "batched_out"}
+    assert set(report["results"]) == {"per_image", "per_image_collate", "batched", "batched_out", "batched_tensor_ops"}
+    assert report["config"]["compiled_kernels"] == augment_kernels.AVAILABLE
     assert report["config"]["host_memory"] in ("retain", "default")
     for r in report["results"].values():
         keys = ("images_per_s", "images_per_s_min", "images_per_s_max", "images_per_s_cpu", "times_s")
