@@ -65,7 +65,7 @@ def _blend(img, factor, target_kind, mean_grey):
 
 @_jit
 def _mean_grey(img):
-    """Mean grey level of ``img`` ``[3, H, W]`` (accumulated in float64)."""
+    """Mean grey level of ``img`` ``[3, H, W]`` (row sums in float32, their total in float64)."""
     total = 0.0
     height, width = img.shape[1], img.shape[2]
     for i in range(height):
