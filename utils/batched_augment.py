@@ -36,7 +36,9 @@ Per view, in DINO's order (the per-image pipeline's, see ``utils/augment.py``):
    The matrices are dense over the source image (``S x H`` and ``S x W`` per sample): about 4.7 M multiply-adds
    per 128 px view of a 64 px image, at the speed of large matrix products. A banded variant (blocks of 32 output
    rows times the ~20 source rows they read, a third of the arithmetic) was measured no faster at these sizes (its
-   many small matrix products run far slower); for large sources (>= 256 px) a banded / gather resampler would win.
+   many small matrix products run far slower); the compiled CPU kernels (below) do the height pass banded, one
+   loop over each output row's nonzero weights, which is faster. For large sources (>= 256 px) a banded / gather
+   resampler would win on other devices too.
 
 2. **Colour jitter** with p 0.8 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1), the four operations in a
    random order per sample like torchvision's ``ColorJitter`` (a uniformly random permutation). Exact and
