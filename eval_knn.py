@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from utils.augment import eval_transform
-from utils.checkpoint import load_checkpoint
-from utils.cli import UsageError, add_backbone_flags, add_data_flags, user_errors
-from utils.data_setup import prepare_data_path
-from utils.datasets import DatasetError, build_image_dataset, has_labels
-from utils.distributed import cleanup, init_distributed_mode
-from utils.features import FEATURES, extract_features
-from utils.knn import knn_classifier
-from utils.monitoring import log
-from utils.weights import build_pretrained_backbone
+from utils.data.augment.per_image import eval_transform
+from utils.data.folders import DatasetError, build_image_dataset, has_labels
+from utils.data.setup import prepare_data_path
+from utils.eval.features import FEATURES, extract_features
+from utils.eval.knn import knn_classifier
+from utils.model.weights import build_pretrained_backbone
+from utils.runtime.checkpoint import load_checkpoint
+from utils.runtime.cli import UsageError, add_backbone_flags, add_data_flags, user_errors
+from utils.runtime.distributed import cleanup, init_distributed_mode
+from utils.runtime.monitoring import log
 
 __all__ = ["knn_classifier", "get_args_parser", "main"]
 

@@ -22,14 +22,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import transforms
 
-from utils.augment import eval_transform, normalize, to_rgb
-from utils.checkpoint import restart_from_checkpoint, save_checkpoint
-from utils.cli import UsageError, add_backbone_flags, add_data_flags, bool_flag, user_errors
-from utils.data_setup import prepare_data_path
-from utils.datasets import DatasetError, build_image_dataset, has_labels
-from utils.distributed import all_reduce_sum, cleanup, init_distributed_mode
-from utils.features import StridedSampler, extract_features
-from utils.linear_probe import (
+from utils.data.augment.per_image import eval_transform, normalize, to_rgb
+from utils.data.folders import DatasetError, build_image_dataset, has_labels
+from utils.data.setup import prepare_data_path
+from utils.eval.features import StridedSampler, extract_features
+from utils.eval.linear_probe import (
     LinearClassifier,
     classify_batch,
     linear_optimizer,
@@ -37,8 +34,11 @@ from utils.linear_probe import (
     topk_correct,
     train_grid_on_features,
 )
-from utils.monitoring import ProgressMeter, TensorBoard, append_json_line, format_duration, log
-from utils.weights import build_pretrained_backbone
+from utils.model.weights import build_pretrained_backbone
+from utils.runtime.checkpoint import restart_from_checkpoint, save_checkpoint
+from utils.runtime.cli import UsageError, add_backbone_flags, add_data_flags, bool_flag, user_errors
+from utils.runtime.distributed import all_reduce_sum, cleanup, init_distributed_mode
+from utils.runtime.monitoring import ProgressMeter, TensorBoard, append_json_line, format_duration, log
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ once (split over the processes under torchrun, then gathered); the main process 
 
 * weighted k-NN (cosine, ``exp(s / T)`` votes, DINO's ``eval_knn.py``) and uniform Euclidean k-NN, for each
   ``--nb_knn``;
-* a logistic-regression linear probe on the cached features (see :mod:`utils.fewshot`);
+* a logistic-regression linear probe on the cached features (see :mod:`utils.eval.fewshot`);
 * few-shot: ``--episodes`` seeded draws of ``K`` labelled train images per class for each ``K`` in ``--shots``,
   classified by 1-NN, weighted k-NN and nearest class mean, reported as mean ± 95 % confidence interval;
 
@@ -30,12 +30,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from utils.checkpoint import load_checkpoint
-from utils.cli import UsageError, bool_flag, user_errors
-from utils.distributed import barrier, cleanup, init_distributed_mode
-from utils.feature_modes import describe_feature, make_feature_fn
-from utils.features import extract_features
-from utils.fewshot import (
+from utils.data.stl10 import STL10_CLASSES, STL10Binary, download_stl10, stl10_transform
+from utils.eval.feature_modes import describe_feature, make_feature_fn
+from utils.eval.features import extract_features
+from utils.eval.fewshot import (
     FEWSHOT_METHODS,
     format_report,
     linear_probe,
@@ -44,11 +42,13 @@ from utils.fewshot import (
     subsample_indices,
     summarize_accuracies,
 )
-from utils.knn import knn_classifier
-from utils.models import ARCH_ALIASES
-from utils.monitoring import format_duration, log
-from utils.stl10 import STL10_CLASSES, STL10Binary, download_stl10, stl10_transform
-from utils.weights import build_pretrained_backbone
+from utils.eval.knn import knn_classifier
+from utils.model.vit import ARCH_ALIASES
+from utils.model.weights import build_pretrained_backbone
+from utils.runtime.checkpoint import load_checkpoint
+from utils.runtime.cli import UsageError, bool_flag, user_errors
+from utils.runtime.distributed import barrier, cleanup, init_distributed_mode
+from utils.runtime.monitoring import format_duration, log
 
 #: (name in the report, metric, weighting) of the k-NN variants run for every ``--nb_knn``.
 KNN_VARIANTS = (("weighted cosine", "cosine", "distance"), ("uniform euclidean", "euclidean", "uniform"))

@@ -14,10 +14,10 @@ import sys
 
 import torch
 
-from utils.cli import UsageError, bool_flag, user_errors
-from utils.loss import DINOLoss
-from utils.models import ARCH_ALIASES, check_arch
-from utils.pretraining import train_dino
+from utils.model.vit import ARCH_ALIASES, check_arch
+from utils.runtime.cli import UsageError, bool_flag, user_errors
+from utils.train.loss import DINOLoss
+from utils.train.run import train_dino
 
 __all__ = ["DINOLoss", "get_args_parser", "main", "train_dino"]
 

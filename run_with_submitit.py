@@ -22,8 +22,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from utils.cli import UsageError, user_errors
-from utils.slurm import (
+from utils.runtime.cli import UsageError, user_errors
+from utils.runtime.slurm import (
     REPO_ROOT,
     SCRIPTS,
     ScriptJob,

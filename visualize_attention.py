@@ -29,7 +29,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
-from utils.attention import (
+from utils.data.augment.per_image import IMAGENET_MEAN, IMAGENET_STD
+from utils.data.folders import IMG_EXTENSIONS
+from utils.eval.attention import (
     MASK_MODES,
     attention_grid_figure,
     attention_mask,
@@ -39,11 +41,9 @@ from utils.attention import (
     mask_description,
     mask_image,
 )
-from utils.augment import IMAGENET_MEAN, IMAGENET_STD
-from utils.cli import UsageError, user_errors
-from utils.datasets import IMG_EXTENSIONS
-from utils.models import ARCH_ALIASES
-from utils.weights import build_pretrained_backbone
+from utils.model.vit import ARCH_ALIASES
+from utils.model.weights import build_pretrained_backbone
+from utils.runtime.cli import UsageError, user_errors
 
 SAMPLE_IMAGE = "china.jpg"  # one of the photographs shipped inside scikit-learn (sklearn.datasets.load_sample_image)
 
@@ -219,7 +219,7 @@ def iter_images(args: argparse.Namespace) -> Iterator[tuple[str, str, Image.Imag
 
 def _stl10_images(args: argparse.Namespace) -> Iterator[tuple[str, str, Image.Image]]:
     try:
-        from utils.stl10 import STL10Binary, download_stl10
+        from utils.data.stl10 import STL10Binary, download_stl10
     except ImportError as exc:
         raise UsageError(f"--dataset stl10 is not available in this installation ({exc})") from exc
     if args.download:

@@ -1,8 +1,9 @@
 """Benchmark DINO's multi-crop augmentation: the per-image PIL pipeline vs the batched tensor pipeline, one core.
 
-(a) ``per_image``: :class:`utils.augment.DataAugmentationDINO` (the official recipe) called on every image of a list
+(a) ``per_image``: :class:`utils.data.augment.per_image.DataAugmentationDINO` (the official recipe) called on every
+    image of a list
     of decoded 64 x 64 PIL images held in memory, as a data-loader worker would;
-(b) ``batched``: :class:`utils.batched_augment.BatchedMultiCrop` on the same images as one uint8 tensor
+(b) ``batched``: :class:`utils.data.augment.batched.BatchedMultiCrop` on the same images as one uint8 tensor
     ``[N, 3, 64, 64]``, called once per batch of ``--batch-size`` images with an integer seed per batch.
 
 More rows for context (the target compares (b) with (a)): ``per_image_collate`` is (a) plus what a data loader
@@ -13,7 +14,7 @@ operations only, as on other devices; (b) uses the kernels when Numba is install
 ``compiled_kernels``).
 
 Same crops for both (2 global + ``--local-crops-number`` local, default 2 x 128 px + 2 x 64 px). Images are the
-embedded synthetic dataset's (``utils.synthetic.render_sample``: shapes, textures, noise), rendered in memory.
+embedded synthetic dataset's (``utils.data.synthetic.render_sample``: shapes, textures, noise), rendered in memory.
 Everything runs on one core: ``torch.set_num_threads(1)`` (PIL is single-threaded). Each repeat times both
 pipelines back to back (order alternating), so that background load hits them alike; per pipeline the report
 gives images/s from wall time (median, min, max over repeats) and from this process's CPU time (less sensitive to
@@ -46,10 +47,10 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.bench_common import add_host_memory_flag, emit_report  # noqa: E402
-from utils.augment import DataAugmentationDINO  # noqa: E402
-from utils.batched_augment import BatchedMultiCrop, uses_compiled_kernels  # noqa: E402
-from utils.host_memory import configure_host_memory  # noqa: E402
-from utils.synthetic import SYNTHETIC_CLASSES, render_sample  # noqa: E402
+from utils.data.augment.batched import BatchedMultiCrop, uses_compiled_kernels  # noqa: E402
+from utils.data.augment.per_image import DataAugmentationDINO  # noqa: E402
+from utils.data.synthetic import SYNTHETIC_CLASSES, render_sample  # noqa: E402
+from utils.runtime.host_memory import configure_host_memory  # noqa: E402
 
 METHODS = ("per_image", "per_image_collate", "batched", "batched_out", "batched_tensor_ops")
 TARGET_SPEEDUP = 3.0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from utils.host_memory import HOST_MEMORY_MODES
+from utils.runtime.host_memory import HOST_MEMORY_MODES
 
 
 def base_parser(doc: str, repeated: str) -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def add_host_memory_flag(parser: argparse.ArgumentParser, runs_under_it: str, fl
         flag,
         choices=HOST_MEMORY_MODES,
         default="retain",
-        help="retain: freed host memory kept for reuse, as CPU training does (utils/host_memory.py); default: "
+        help="retain: freed host memory kept for reuse, as CPU training does (utils/runtime/host_memory.py); default: "
         f"glibc's own behaviour. Process-wide: {runs_under_it}",
     )
 

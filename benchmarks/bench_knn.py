@@ -1,4 +1,4 @@
-"""Benchmark tinydino's k-NN (utils/knn.py) against scikit-learn's brute-force ``KNeighborsClassifier``.
+"""Benchmark tinydino's k-NN (utils/eval/knn.py) against scikit-learn's brute-force ``KNeighborsClassifier``.
 
 Same random fp32 features for everyone; task: uniform-vote Euclidean k-NN predictions of the whole test set
 (the mode in which both compute the same thing). Reports, per method, wall time over several repeats (median,
@@ -36,7 +36,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.bench_common import emit_report  # noqa: E402
-from utils.knn import knn_predict  # noqa: E402
+from utils.eval.knn import knn_predict  # noqa: E402
 
 METHODS = ("tinydino", "sklearn_brute_n_jobs1", "sklearn_brute_default")
 OURS = METHODS[0]

@@ -3,7 +3,8 @@
 Per training step the last layer runs forward and backward on the student's outputs (``2 + n`` views) and forward on
 the teacher's (2 views). Three implementations of the same layer, same weights, same inputs:
 
-(a) ``fused``: :class:`utils.models.WeightNormLinear` (``utils/weight_norm.py``: output-side normalisation, blocks
+(a) ``fused``: :class:`utils.model.vit.WeightNormLinear` (``utils/model/weight_norm.py``: output-side normalisation,
+    blocks
     of rows in the L2 cache; the CPU path);
 (b) ``official``: ``nn.utils.weight_norm(nn.Linear(..., bias=False))``, as official DINO builds it;
 (c) ``composed``: ``F.linear(x, g * V / ||V||)`` written plainly, as autograd composes it.
@@ -33,9 +34,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.bench_common import add_host_memory_flag, base_parser, emit_report, preset_config  # noqa: E402
-from utils.host_memory import configure_host_memory  # noqa: E402
-from utils.models import WeightNormLinear  # noqa: E402
-from utils.reference_step import official_last_layer  # noqa: E402
+from benchmarks.reference_step import official_last_layer  # noqa: E402
+from utils.model.vit import WeightNormLinear  # noqa: E402
+from utils.runtime.host_memory import configure_host_memory  # noqa: E402
 
 IMPLEMENTATIONS = ("fused", "official", "composed")
 FULL = {"out_dim": 65536, "bottleneck": 256, "student_rows": 128, "teacher_rows": 64, "repeats": 9, "warmup": 2}

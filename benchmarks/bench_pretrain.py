@@ -30,10 +30,10 @@ if str(REPO_ROOT) not in sys.path:
 
 import main_dino  # noqa: E402
 from benchmarks.bench_common import add_host_memory_flag, emit_report  # noqa: E402
-from utils.distributed import init_distributed_mode  # noqa: E402
-from utils.host_memory import configure_host_memory  # noqa: E402
-from utils.pretraining import DINOPretraining  # noqa: E402
-from utils.synthetic import generate_synthetic_dataset  # noqa: E402
+from utils.data.synthetic import generate_synthetic_dataset  # noqa: E402
+from utils.runtime.distributed import init_distributed_mode  # noqa: E402
+from utils.runtime.host_memory import configure_host_memory  # noqa: E402
+from utils.train.run import DINOPretraining  # noqa: E402
 
 PIPELINES = {
     "per_image_jpeg_worker": ["--cache_images", "off", "--batched_aug", "off", "--num_workers", "1"],

@@ -32,12 +32,12 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.bench_common import add_host_memory_flag, base_parser, emit_report, preset_config  # noqa: E402
-from utils.host_memory import configure_host_memory  # noqa: E402
-from utils.loss import DINOLoss  # noqa: E402
-from utils.models import build_dino_models, group_by_resolution  # noqa: E402
-from utils.optim import build_optimizer, get_params_groups, set_schedule_values  # noqa: E402
-from utils.reference_step import looped_dino_loss, reference_optimizer, use_official_last_layer  # noqa: E402
-from utils.training import DINOState, StepSchedule, train_step  # noqa: E402
+from benchmarks.reference_step import looped_dino_loss, reference_optimizer, use_official_last_layer  # noqa: E402
+from utils.model.vit import build_dino_models, group_by_resolution  # noqa: E402
+from utils.runtime.host_memory import configure_host_memory  # noqa: E402
+from utils.train.loss import DINOLoss  # noqa: E402
+from utils.train.optim import build_optimizer, get_params_groups, set_schedule_values  # noqa: E402
+from utils.train.step import DINOState, StepSchedule, train_step  # noqa: E402
 
 FULL = {"global": 128, "local": 64, "batch": 32, "out_dim": 65536, "local_crops": 2, "repeats": 5, "warmup": 1}
 QUICK = {"global": 32, "local": 16, "batch": 4, "out_dim": 1024, "local_crops": 2, "repeats": 2, "warmup": 1}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.synthetic import generate_synthetic_dataset
+from utils.data.synthetic import generate_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

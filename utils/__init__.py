@@ -4,6 +4,6 @@ The scripts on top (``main_dino.py``, ``eval_knn.py``, ...) import from here and
 A few names are re-exported at the package level because the official DINO code exposes them as ``utils.X``.
 """
 
-from utils.schedules import cosine_scheduler
+from utils.train.schedules import cosine_scheduler
 
 __all__ = ["cosine_scheduler"]

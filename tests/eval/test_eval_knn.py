@@ -1,0 +1,114 @@
+import json
+
+import pytest
+import torch
+
+import eval_knn
+from tests.conftest import run_script
+from utils.data.augment.per_image import eval_transform
+from utils.data.folders import build_image_dataset
+from utils.model.vit import build_backbone
+
+
+@pytest.mark.distributed
+def test_two_process_extraction_equals_one_process_in_order(small_synthetic, tmp_path):
+    one, two = tmp_path / "one.pth", tmp_path / "two.pth"
+    n = 23  # odd, and not a multiple of the batch: uneven shares and uneven last batches
+    for path, nproc in ((one, 1), (two, 2)):
+        result = run_script(["tests/eval/features_worker.py", str(small_synthetic), str(n), str(path)], nproc=nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    assert a["features"].shape == (n, 192)
+    torch.testing.assert_close(a["features"], b["features"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(a["labels"], b["labels"])
+    # Dataset order: the labels are those of the first n samples, and each row is that image's own feature.
+    dataset = build_image_dataset(small_synthetic, "train", transform=eval_transform(32))
+    assert a["labels"].tolist() == [dataset.targets[i] for i in range(n)]
+    torch.manual_seed(0)
+    model = build_backbone("vit_tiny", patch_size=16, img_size=32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(b["features"][17], model(dataset[17][0][None])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_eval_knn_end_to_end_on_a_pretrained_checkpoint(small_synthetic, tiny_checkpoint, tmp_path, capsys):
+    flags = [
+        "--pretrained_weights",
+        str(tiny_checkpoint),
+        "--checkpoint_key",
+        "teacher",
+        "--data_path",
+        str(small_synthetic),
+        "--image_size",
+        "32",
+        "--num_workers",
+        "0",
+        "--output_dir",
+        str(tmp_path),
+        "--nb_knn",
+        "1",
+        "5",
+        "20",
+        "--dump_features",
+        str(tmp_path / "feats"),
+    ]
+    assert eval_knn.main(flags) == 0
+    printed = capsys.readouterr().out
+    assert "top-1" in printed
+    record = json.loads((tmp_path / "knn_results.json").read_text().splitlines()[-1])
+    assert [r["k"] for r in record["results"]] == [1, 5, 20]
+    assert all(0 <= r["top1"] <= r["top5"] <= 100 for r in record["results"])
+    for name in eval_knn.FEATURE_FILES:
+        assert (tmp_path / "feats" / name).is_file()
+
+    # Reloading the dumped features gives the same numbers, and appends a second record.
+    assert eval_knn.main([*flags[:-2], "--load_features", str(tmp_path / "feats")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "knn_results.json").read_text().splitlines()]
+    assert len(records) == 2 and records[1]["results"] == records[0]["results"]
+
+
+def test_eval_knn_euclidean_uniform_matches_sklearn_on_dumped_features(small_synthetic, tiny_checkpoint, tmp_path):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    feats = tmp_path / "feats"
+    base = [
+        "--pretrained_weights",
+        str(tiny_checkpoint),
+        "--data_path",
+        str(small_synthetic),
+        "--image_size",
+        "32",
+        "--num_workers",
+        "0",
+        "--output_dir",
+        str(tmp_path),
+        "--knn_metric",
+        "euclidean",
+        "--knn_weights",
+        "uniform",
+        "--nb_knn",
+        "5",
+    ]
+    rows = eval_knn.run(eval_knn.get_args_parser().parse_args([*base, "--dump_features", str(feats)]))
+    train, test, train_labels, test_labels = eval_knn.load_feature_files(str(feats))
+    sk = KNeighborsClassifier(n_neighbors=5, metric="euclidean", algorithm="brute").fit(train, train_labels)
+    assert rows[0]["top1"] == pytest.approx(100.0 * (sk.predict(test) == test_labels.numpy()).mean())
+
+
+def test_wrong_checkpoint_key_lists_keys(small_synthetic, tiny_checkpoint, tmp_path):
+    result = run_script(
+        [
+            "eval_knn.py",
+            "--pretrained_weights",
+            str(tiny_checkpoint),
+            "--checkpoint_key",
+            "nope",
+            "--data_path",
+            str(small_synthetic),
+            "--image_size",
+            "32",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    assert result.returncode == 2
+    assert "no 'nope' entry" in result.stderr and "teacher" in result.stderr and "Traceback" not in result.stderr

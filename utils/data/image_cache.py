@@ -1,0 +1,588 @@
+"""A decoded-image cache: decode a dataset's JPEGs once into a memory-mapped uint8 array on disk.
+
+Decoding small JPEGs costs more CPU than the rest of a small model's input pipeline; TinyImageNet's 100 000
+training images are only 1.2 GB decoded (64x64x3 uint8). ``build_image_cache`` decodes every image of a file list
+once (in parallel) into ``images.npy``; ``CachedImages`` reads it back memory-mapped, so later epochs and later runs
+decode no JPEG, and a batched augmentation can take uint8 batches ``[B, 3, H, W]`` straight from it.
+
+Layout of a cache folder (default ``<data_path>/.tinydino_cache/``, see ``default_cache_dir``)::
+
+    <cache_dir>/<name>-<key[:16]>/      one entry: ``name`` says which dataset (e.g. "train"), key which version
+        images.npy                      uint8 [N, 3, H, W] (NCHW: the layout batches are consumed in)
+        labels.npy                      int64 [N]
+        indices.npy                     int64 [N]: row i holds sample ``indices[i]`` of the list it was built from
+        manifest.json                   format version, full key, N, H, W, classes, skipped files; written last
+
+Rules:
+
+* **One fixed size.** Every image is stored at ``image_size`` (H, W); by default the size of the first readable
+  image of the list (64x64 for TinyImageNet). Images of another size are resized to it with PIL bicubic (the aspect
+  ratio is not kept), so use the cache for datasets of (mostly) one size.
+* **Keyed by the file list.** The key hashes, in list order, every sample's (path relative to ``root``, size,
+  mtime_ns, label), plus ``image_size`` and ``FORMAT_VERSION``: adding, removing, renaming, relabelling or touching
+  a file gives a new key and a rebuild. Unchanged files give the same key and nothing is decoded. The order is part
+  of the key because rows are stored in list order (row i = sample i, minus skipped files).
+* **Latest entry per name.** A finished build deletes the other entries of the same ``name`` in the folder (they
+  describe older versions of the same data), so a folder holds at most one entry per name.
+* **Atomic.** An entry is written in a hidden ``.building-*`` folder, flushed, and renamed into place only when
+  complete (manifest last), so an interrupted build never leaves an entry that looks valid; its leftovers are
+  removed by the next build. Concurrent builds (e.g. several DDP ranks) are safe, just wasteful: the first rename
+  wins and the others use its result. Better: build on rank 0, barrier, then open on every rank.
+* **Unreadable images are skipped.** A file PIL cannot open or decode (corrupt, truncated, vanished) is left out
+  with a warning giving the count; the cache's length is the number of good images, ``CachedImages.indices`` maps
+  rows back to the sample list and the manifest lists the skipped files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import socket
+import struct
+import sys
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from utils.data.folders import DatasetError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CACHE_DIR_NAME",
+    "CachedImages",
+    "build_image_cache",
+    "cache_key",
+    "cached_image_dataset",
+    "default_cache_dir",
+    "default_num_workers",
+]
+
+FORMAT_VERSION = 1
+CACHE_DIR_NAME = ".tinydino_cache"  # hidden, so ImageFolder does not take it for a class folder
+_MANIFEST = "manifest.json"
+_IMAGES = "images.npy"
+_LABELS = "labels.npy"
+_INDICES = "indices.npy"
+_BUILDING_PREFIX = ".building-"
+_OWNER = "owner.json"  # in a .building-* folder: host and pid of the build, to tell dead builds from running ones
+_CHUNK = 128  # images per task handed to a worker
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")
+
+# Errors that mean "this file is not a readable image" (skip it); anything else aborts the build.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+def default_cache_dir(data_path) -> Path:
+    """``<data_path>/.tinydino_cache``: the cache folder used when no explicit one is given."""
+    return Path(data_path).expanduser() / CACHE_DIR_NAME
+
+
+def default_num_workers() -> int:
+    """``min(4, usable CPU cores)``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+def _normalize_size(image_size) -> tuple[int, int] | None:
+    """``None``, an int (square) or ``(H, W)`` -> ``None`` or ``(H, W)``."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    h, w = (int(v) for v in image_size)
+    if h < 1 or w < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    return h, w
+
+
+def _common_root(paths: Sequence[str]) -> str:
+    return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+
+
+def cache_key(samples: Sequence[tuple[str, int]], root=None, image_size=None) -> str:
+    """Hex SHA-256 of the sample list (relative path, size, mtime_ns, label, in list order), size and format.
+
+    ``root`` (default: the common folder of all samples) makes the paths relative, so a data folder that is moved
+    together with its cache keeps its key. A file that cannot be stat'ed hashes as size and mtime -1 (it is then
+    skipped as unreadable when building).
+    """
+    samples = list(samples)
+    if not samples:
+        raise DatasetError("cannot cache an empty dataset")
+    root = os.path.abspath(root) if root is not None else _common_root([p for p, _ in samples])
+    h = hashlib.sha256()
+    size = _normalize_size(image_size)
+    h.update(json.dumps({"format_version": FORMAT_VERSION, "image_size": size}).encode())
+    for path, label in samples:
+        try:
+            st = os.stat(path)
+            stamp = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = (-1, -1)
+        rel = os.path.relpath(os.path.abspath(path), root)
+        h.update(f"\n{rel}\0{stamp[0]}\0{stamp[1]}\0{int(label)}".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# decoding (runs in worker processes)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _decode_image(path: str, size: tuple[int, int] | None) -> np.ndarray:
+    """Decode ``path`` as RGB uint8 ``[H, W, 3]``, resized (bicubic) to ``size`` = (H, W) when given and different."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img = img.convert("RGB")
+    if size is not None and (img.height, img.width) != size:
+        img = img.resize((size[1], size[0]), Image.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _decode_chunk(task: tuple[str, int, list[str], tuple[int, int]]) -> list[tuple[int, str | None]]:
+    """Decode ``paths`` into rows ``start...`` of the ``[N, 3, H, W]`` memmap at ``npy_path``.
+
+    Returns ``(row, error)`` per image, ``error`` None when the row was written. Only decoding errors are caught.
+    """
+    npy_path, start, paths, size = task
+    images = np.load(npy_path, mmap_mode="r+")
+    results = []
+    for offset, path in enumerate(paths):
+        row = start + offset
+        try:
+            pixels = _decode_image(path, size)
+        except _DECODE_ERRORS as exc:
+            results.append((row, f"{type(exc).__name__}: {exc}"))
+            continue
+        images[row] = pixels.transpose(2, 0, 1)
+        results.append((row, None))
+    del images  # unmap; the pages are shared with the parent through the page cache
+    return results
+
+
+def _first_image_size(paths: Sequence[str]) -> tuple[int, int]:
+    """(H, W) of the first file PIL can open (header only)."""
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                return img.height, img.width
+        except _DECODE_ERRORS:
+            continue
+    raise DatasetError(f"none of the {len(paths)} images could be opened, nothing to cache")
+
+
+def _mp_context():
+    """``fork`` where available (workers start instantly and need no re-import), else ``spawn``."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods and sys.platform != "darwin" else "spawn")
+
+
+class _Progress:
+    """Prints ``caching <name>: n/total (p%) r img/s ETA m:ss`` to stderr every ``interval`` seconds and at the end."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, interval: float = 5.0):
+        self.total, self.desc, self.enabled, self.interval = total, desc, enabled, interval
+        self.n = 0
+        self.start = self._last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self._print(now)
+
+    def close(self) -> None:
+        self._print(time.monotonic(), final=True)
+
+    def _print(self, now: float, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.n / elapsed
+        tail = f"in {elapsed:.1f} s" if final else f"ETA {_duration((self.total - self.n) / rate if rate else -1)}"
+        pct = 100.0 * self.n / max(self.total, 1)
+        print(f"{self.desc}: {self.n}/{self.total} ({pct:.1f}%) {rate:.0f} img/s {tail}", file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 0:
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# building
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _read_manifest(entry: Path) -> dict | None:
+    try:
+        return json.loads((entry / _MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _entry_is_valid(entry: Path, key: str | None = None) -> bool:
+    """True when ``entry`` holds a complete cache (of ``key`` when given): manifest and arrays agree in shape."""
+    manifest = _read_manifest(entry)
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        return False
+    if key is not None and manifest.get("key") != key:
+        return False
+    try:
+        n, h, w = int(manifest["num_images"]), int(manifest["height"]), int(manifest["width"])
+        images = np.load(entry / _IMAGES, mmap_mode="r")
+        labels = np.load(entry / _LABELS, mmap_mode="r")
+        indices = np.load(entry / _INDICES, mmap_mode="r")
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return (
+        images.dtype == np.uint8
+        and images.shape == (n, 3, h, w)
+        and labels.dtype == np.int64
+        and labels.shape == (n,)
+        and indices.shape == (n,)
+    )
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_builds(cache_dir: Path, max_age_s: float = 24 * 3600) -> None:
+    """Delete ``.building-*`` folders of dead builds: started on this host by a process that no longer exists, or
+    (other hosts, unknown owner) not modified for ``max_age_s``."""
+    host = socket.gethostname()
+    for path in cache_dir.glob(_BUILDING_PREFIX + "*"):
+        try:
+            owner = json.loads((path / _OWNER).read_text())
+            local_pid = int(owner["pid"]) if owner["host"] == host else None
+        except (OSError, ValueError, KeyError, TypeError):
+            local_pid = None
+        try:
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            continue
+        if (not _pid_alive(local_pid)) if local_pid is not None else age > max_age_s:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_other_entries(cache_dir: Path, name: str, keep: Path) -> None:
+    """Delete the entries of ``name`` other than ``keep`` (older versions of the same data)."""
+    pattern = re.compile(rf"^{re.escape(name)}-[0-9a-f]{{16}}$")
+    for path in cache_dir.iterdir():
+        if path != keep and path.is_dir() and pattern.match(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _decode_all(
+    npy_path: Path, paths: list[str], size: tuple[int, int], num_workers: int, progress: _Progress
+) -> dict[int, str]:
+    """Decode every path into its row of ``npy_path``; return {row: error} of the images that failed."""
+    tasks = [(str(npy_path), s, paths[s : s + _CHUNK], size) for s in range(0, len(paths), _CHUNK)]
+    errors: dict[int, str] = {}
+
+    def consume(results: Iterable[list[tuple[int, str | None]]]) -> None:
+        for chunk in results:
+            errors.update({row: err for row, err in chunk if err is not None})
+            progress.update(len(chunk))
+
+    workers = min(num_workers, len(tasks))
+    if workers <= 1:
+        consume(map(_decode_chunk, tasks))
+        return errors
+    pool = _mp_context().Pool(workers)
+    try:
+        consume(pool.imap_unordered(_decode_chunk, tasks))
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+    return errors
+
+
+def _compact(src: Path, dst: Path, keep: np.ndarray, chunk: int = 4096) -> None:
+    """Write rows ``keep`` of the ``.npy`` at ``src`` to a new ``.npy`` at ``dst`` (chunked, memory-mapped)."""
+    source = np.load(src, mmap_mode="r")
+    out = np.lib.format.open_memmap(dst, mode="w+", dtype=np.uint8, shape=(len(keep), *source.shape[1:]))
+    for s in range(0, len(keep), chunk):
+        out[s : s + chunk] = source[keep[s : s + chunk]]
+    out.flush()
+    del out, source
+
+
+def build_image_cache(
+    samples: Sequence[tuple[str, int]],
+    cache_dir,
+    image_size: int | tuple[int, int] | None = None,
+    num_workers: int | None = None,
+    *,
+    name: str = "images",
+    root=None,
+    classes: Sequence[str] | None = None,
+    verbose: bool = True,
+) -> Path:
+    """Make sure ``cache_dir`` holds the decoded cache of ``samples`` and return its entry folder.
+
+    ``samples`` is a list of ``(path, label)`` such as ``ImageFolder.samples``. When a valid entry for the current
+    key exists it is returned without decoding anything (only every file is stat'ed). Otherwise every image is
+    decoded (``num_workers`` processes, default ``default_num_workers()``; a single chunk is decoded in-process,
+    ``0`` or ``1`` means in-process) into a new entry, which replaces the older entries of ``name``.
+
+    ``image_size``: ``None`` (size of the first readable image), an int (square) or ``(H, W)``; every image is stored
+    at that size. ``root``: the folder paths are made relative to for the key (default: their common folder).
+    ``classes``: class names stored in the manifest (``CachedImages.classes``). Raises ``DatasetError`` when the
+    folder cannot be written or no image can be decoded.
+    """
+    if not _NAME_RE.match(name):
+        raise ValueError(f"name must match {_NAME_RE.pattern} (no '-'), got {name!r}")
+    samples = [(str(p), int(label)) for p, label in samples]
+    size = _normalize_size(image_size)
+    key = cache_key(samples, root=root, image_size=size)
+    cache_dir = Path(cache_dir).expanduser()
+    entry = cache_dir / f"{name}-{key[:16]}"
+    if _entry_is_valid(entry, key):
+        return entry
+
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_builds(cache_dir)
+        tmp = cache_dir / f"{_BUILDING_PREFIX}{name}-{key[:16]}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        (tmp / _OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    except OSError as exc:
+        raise DatasetError(f"cannot write the image cache in {cache_dir} ({exc}): pass another --cache_dir") from exc
+
+    try:
+        paths = [p for p, _ in samples]
+        n = len(paths)
+        size = size if size is not None else _first_image_size(paths)
+        workers = default_num_workers() if num_workers is None else max(0, int(num_workers))
+        if verbose:
+            print(
+                f"caching {n} images of {name!r} at {size[0]}x{size[1]} into {entry} ({max(workers, 1)} process(es))",
+                file=sys.stderr,
+                flush=True,
+            )
+        full = tmp / "images.full.npy"
+        np.lib.format.open_memmap(full, mode="w+", dtype=np.uint8, shape=(n, 3, *size)).flush()
+        progress = _Progress(n, f"caching {name}", enabled=verbose)
+        errors = _decode_all(full, paths, size, workers, progress)
+        progress.close()
+
+        keep = np.array([i for i in range(n) if i not in errors], dtype=np.int64)
+        if len(keep) == 0:
+            raise DatasetError(f"none of the {n} images of {name!r} could be decoded, nothing to cache")
+        if errors:
+            _compact(full, tmp / _IMAGES, keep)
+            full.unlink()
+            first = min(errors)
+            warnings.warn(
+                f"image cache {name!r}: {len(errors)} of {n} images could not be decoded and are left out "
+                f"(e.g. {paths[first]}: {errors[first]}); the cache holds {len(keep)} images",
+                stacklevel=2,
+            )
+        else:
+            os.replace(full, tmp / _IMAGES)
+        _fsync(tmp / _IMAGES)
+        labels = np.array([samples[i][1] for i in keep], dtype=np.int64)
+        _save_npy(tmp / _LABELS, labels)
+        _save_npy(tmp / _INDICES, keep)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "key": key,
+            "name": name,
+            "num_images": int(len(keep)),
+            "num_samples": n,
+            "height": size[0],
+            "width": size[1],
+            "layout": "NCHW",
+            "classes": list(classes) if classes is not None else [],
+            "skipped": [{"index": i, "path": paths[i], "error": errors[i]} for i in sorted(errors)],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        tmp_manifest = tmp / (_MANIFEST + ".tmp")
+        tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp_manifest, tmp / _MANIFEST)
+        (tmp / _OWNER).unlink()
+
+        if entry.exists() and not _entry_is_valid(entry, key):
+            shutil.rmtree(entry, ignore_errors=True)  # a damaged entry of the same key
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not _entry_is_valid(entry, key):  # lost a race against a concurrent build that produced junk
+                raise
+            # else: a concurrent build of the same key finished first; use its entry, drop ours below
+        _remove_other_entries(cache_dir, name, keep=entry)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return entry
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class CachedImages(Dataset):
+    """A read-only ``Dataset`` over a cache entry (memory-mapped ``[N, 3, H, W]`` uint8).
+
+    * ``dataset[i]`` -> ``(uint8 tensor [3, H, W], label)``; with ``transform``, ``(transform(as_pil(i)), label)``
+      instead, so the per-image PIL augmentation runs on cached pixels (a drop-in for ``ImageFolder``).
+    * ``get_batch(indices)`` -> ``(uint8 [B, 3, H, W], int64 labels [B])`` in the order of ``indices`` (one sorted
+      fancy-index gather from the memmap; never transformed).
+    * ``load_into_memory(device)`` -> the whole ``[N, 3, H, W]`` uint8 tensor on ``device``.
+
+    The memmap is opened lazily and not pickled, so DataLoader workers each map the file themselves.
+    """
+
+    def __init__(self, path, transform: Callable | None = None):
+        self.path = Path(path)
+        if not _entry_is_valid(self.path):
+            raise DatasetError(f"{self.path} is not a complete image cache: rebuild it (build_image_cache)")
+        manifest = _read_manifest(self.path)
+        self.manifest = manifest
+        self.transform = transform
+        self.image_size = (int(manifest["height"]), int(manifest["width"]))
+        self.classes: list[str] = list(manifest.get("classes", []))
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.skipped: list[dict] = list(manifest.get("skipped", []))
+        self.labels = torch.from_numpy(np.load(self.path / _LABELS))
+        self.targets: list[int] = self.labels.tolist()
+        self.indices = np.load(self.path / _INDICES)
+        self._images: np.ndarray | None = None
+
+    @property
+    def images(self) -> np.ndarray:
+        """The read-only ``[N, 3, H, W]`` uint8 memmap."""
+        if self._images is None:
+            self._images = np.load(self.path / _IMAGES, mmap_mode="r")
+        return self._images
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_images"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        label = self.targets[index]
+        if self.transform is not None:
+            return self.transform(self.as_pil(index)), label
+        return torch.from_numpy(np.array(self.images[index])), label
+
+    def as_pil(self, index: int) -> Image.Image:
+        """Image ``index`` as an RGB PIL image (as decoding the file gave it)."""
+        return Image.fromarray(np.ascontiguousarray(self.images[index].transpose(1, 2, 0)), "RGB")
+
+    def get_batch(self, indices, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(uint8 [B, 3, H, W], int64 [B])`` for ``indices`` (list, array or tensor), in the given order.
+
+        The pixels are gathered from the memmap in file order (locality when the file is not in the page cache).
+        Sorted indices are fastest: they are gathered straight into the result, unsorted ones go through one
+        temporary batch. The order of images within a batch does not matter to training, so sort each batch of
+        the sampler (``idx.sort().values``). ``out``: an optional contiguous CPU uint8 tensor of the batch's shape
+        to write into (e.g. a reused pinned buffer), avoiding a fresh allocation per batch.
+        """
+        idx = torch.as_tensor(indices, dtype=torch.int64).numpy().reshape(-1)
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"index out of range for an image cache of {n} images")
+        idx = np.where(idx < 0, idx + n, idx)
+        images = self.images
+        shape = (len(idx), *images.shape[1:])
+        if out is None:
+            out = torch.empty(shape, dtype=torch.uint8)
+        elif out.shape != shape or out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous CPU uint8 tensor of shape {shape}")
+        out_np = out.numpy()
+        if len(idx) < 2 or bool((idx[1:] >= idx[:-1]).all()):
+            np.take(images, idx, axis=0, out=out_np, mode="clip")  # bounds checked above; "raise" buffers
+        else:
+            order = np.argsort(idx, kind="stable")
+            out_np[order] = images[idx[order]]
+        return out, self.labels[torch.from_numpy(idx)]
+
+    def load_into_memory(self, device="cpu", chunk: int = 8192) -> torch.Tensor:
+        """The whole cache as one uint8 tensor ``[N, 3, H, W]`` on ``device``, copied in chunks."""
+        images = self.images
+        out = torch.empty(images.shape, dtype=torch.uint8, device=device)
+        for s in range(0, len(images), chunk):
+            out[s : s + chunk].copy_(torch.from_numpy(np.array(images[s : s + chunk])))
+        return out
+
+    def __repr__(self) -> str:
+        h, w = self.image_size
+        return f"CachedImages({str(self.path)!r}, n={len(self)}, size={h}x{w})"
+
+
+def cached_image_dataset(
+    dataset,
+    cache_dir,
+    *,
+    name: str = "images",
+    image_size: int | tuple[int, int] | None = None,
+    num_workers: int | None = None,
+    transform: Callable | None = None,
+    verbose: bool = True,
+) -> CachedImages:
+    """Build (if needed) and open the cache of an ``ImageFolder``-like ``dataset`` (anything with ``.samples``).
+
+    The key's ``root`` is ``dataset.root`` when it has one; ``dataset.classes`` are stored with the cache.
+    """
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        raise TypeError(f"{type(dataset).__name__} has no .samples list of (path, label); cannot cache it")
+    entry = build_image_cache(
+        samples,
+        cache_dir,
+        image_size=image_size,
+        num_workers=num_workers,
+        name=name,
+        root=getattr(dataset, "root", None),
+        classes=getattr(dataset, "classes", None),
+        verbose=verbose,
+    )
+    return CachedImages(entry, transform=transform)

@@ -1,0 +1,1 @@
+"""Evaluation of frozen features: extraction, k-NN, linear probes, few-shot, attention maps."""

@@ -1,0 +1,31 @@
+"""k-NN evaluation of a backbone during pretraining: extract frozen features of two splits, then vote."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from utils.eval.features import effective_rank, extract_features
+from utils.eval.knn import knn_classifier
+
+
+def evaluate_knn(
+    backbone: nn.Module,
+    train_dataset: Dataset,
+    val_dataset: Dataset,
+    device: torch.device,
+    batch_size: int = 128,
+    num_workers: int = 2,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> dict[str, float]:
+    """Weighted k-NN (cosine, ``k`` neighbours, votes ``exp(sim / temperature)``) of ``backbone``'s CLS features:
+    the train split is the memory bank, the val split is classified. Returns ``{"top1": %, "top5": %,
+    "feature_rank": r}``, ``r`` the :func:`~utils.eval.features.effective_rank` of the train features (of
+    ``embed_dim`` at most): a rank that falls to a few units while the accuracy drops is dimensional collapse."""
+    train_features, train_labels = extract_features(backbone, train_dataset, device, batch_size, num_workers)
+    val_features, val_labels = extract_features(backbone, val_dataset, device, batch_size, num_workers)
+    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
+    top1, top5 = knn_classifier(train_features, train_labels, val_features, val_labels, k, temperature, num_classes)
+    return {"top1": top1, "top5": top5, "feature_rank": effective_rank(train_features)}

@@ -1,0 +1,105 @@
+"""Command-line plumbing shared by the scripts: flag types and turning user mistakes into one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from utils.data.folders import DatasetError
+from utils.model.vit import ModelError
+from utils.runtime.checkpoint import CheckpointError
+
+
+class UsageError(ValueError):
+    """A flag value out of range or a combination of flags that cannot work."""
+
+
+def bool_flag(value: str) -> bool:
+    """argparse type for ``--flag True/False`` (also on/off, yes/no, 1/0), as in the official DINO scripts."""
+    lowered = value.lower()
+    if lowered in {"true", "on", "yes", "1"}:
+        return True
+    if lowered in {"false", "off", "no", "0"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {value!r}")
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user must change something (not a bug): reported without a traceback."""
+    from utils.train.step import NonFiniteLossError
+
+    return (UsageError, DatasetError, ModelError, CheckpointError, NonFiniteLossError)
+
+
+@contextlib.contextmanager
+def user_errors(prog: str | None = None) -> Iterator[None]:
+    """Run a script's body; a user mistake becomes ``<prog>: error: <message>`` on stderr and exit status 2."""
+    try:
+        yield
+    except user_error_types() as exc:
+        name = prog or sys.argv[0].rsplit("/", 1)[-1]
+        print(f"{name}: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def add_backbone_flags(parser: argparse.ArgumentParser, image_size: int = 128) -> argparse.ArgumentParser:
+    """The flags every evaluation script shares to choose a frozen backbone and its weights."""
+    group = parser.add_argument_group("backbone")
+    group.add_argument(
+        "--arch",
+        default="vit_tiny",
+        type=str,
+        help="vit_tiny, vit_small, vit_base, vit_large (timm's vit_*_patch{P}_224), or a timm ViT name",
+    )
+    group.add_argument("--patch_size", default=16, type=int, help="ViT patch size in pixels (for the short arch names)")
+    group.add_argument("--image_size", default=image_size, type=int, help="side of the (centre-cropped) input image")
+    group.add_argument(
+        "--pretrained_weights",
+        default="",
+        type=str,
+        help="our checkpoint.pth or an official DINO .pth file (empty: random init)",
+    )
+    group.add_argument(
+        "--checkpoint_key",
+        default="teacher",
+        type=str,
+        help='entry of a full checkpoint to load ("teacher" or "student")',
+    )
+    group.add_argument(
+        "--timm_model",
+        default=None,
+        type=str,
+        help="a timm pretrained name (e.g. vit_small_patch16_224.dino), fetched from the hub",
+    )
+    group.add_argument(
+        "--trust_checkpoint",
+        action="store_true",
+        help="allow full unpickling of the weights file (runs code from the file: trusted files only)",
+    )
+    return parser
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags that choose the labelled dataset (train/ and val/ splits) of the evaluation scripts."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset",
+        default="folder",
+        choices=["folder", "synthetic"],
+        help="folder: train/ and val/ under --data_path (TinyImageNet or any ImageFolder); "
+        "synthetic: the embedded shapes dataset",
+    )
+    group.add_argument(
+        "--data_path",
+        default=None,
+        type=str,
+        help="dataset root (default: data/tiny-imagenet-200, or data/synthetic with --dataset synthetic)",
+    )
+    group.add_argument("--download", action="store_true", help="download and prepare TinyImageNet into --data_path")
+    group.add_argument("--batch_size_per_gpu", default=128, type=int, help="images per process and batch")
+    group.add_argument("--num_workers", default=4, type=int, help="data loading workers per process")
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
+    group.add_argument("--output_dir", default=".", type=str, help="where results are written")
+    return parser
