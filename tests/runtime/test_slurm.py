@@ -103,7 +103,7 @@ def test_failure_reason_is_the_last_line_of_the_trace():
 
     exc = FailedJobError(
         "Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent call "
-        'last):\n  File "x.py", line 1\nutils.datasets.DatasetError: no images in /nowhere\n----------------------\n'
+        'last):\n  File "x.py", line 1\nutils.data.folders.DatasetError: no images in /nowhere\n----------------------\n'
         "You can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n  - /a.err\n  - /a.out"
     )
     assert failure_reason(exc) == "utils.data.folders.DatasetError: no images in /nowhere"
