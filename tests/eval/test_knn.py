@@ -64,9 +64,10 @@ def reference_scores(
     return scores
 
 
-def reference_accuracy(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """Top-1 / top-5 (min(5, C)) in percent; score ties rank the smaller class first."""
-    ranking = np.argsort(-scores, axis=1, kind="stable")[:, : min(5, scores.shape[1])]
+def reference_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[float, float]:
+    """Top-1 / top-5 in percent, "top-5" over the ``min(5, k)`` best classes as official DINO's ``knn_classifier``
+    (``correct.narrow(1, 0, min(5, k))``; and at most C); score ties rank the smaller class first."""
+    ranking = np.argsort(-scores, axis=1, kind="stable")[:, : min(5, k, scores.shape[1])]
     correct = ranking == labels[:, None]
     return 100.0 * correct[:, 0].mean(), 100.0 * correct.any(axis=1).mean()
 
@@ -140,7 +141,10 @@ def test_uniform_euclidean_matches_sklearn_with_duplicates_and_vote_ties(copies,
     args = [torch.from_numpy(a) for a in (train, ytr, test, yte)]
     top1, top5 = knn_classifier(*args, k, 0.07, 4, metric="euclidean", weighting="uniform")
     assert top1 == pytest.approx(100.0 * np.mean(expected == yte), abs=1e-9)
-    assert top5 == 100.0  # min(5, 4 classes) = every class
+    ref = reference_scores(train, ytr, test, k, 0.07, 4, "euclidean", "uniform")
+    assert top5 == pytest.approx(reference_accuracy(ref, yte, k)[1], abs=1e-9)
+    if k >= 4:
+        assert top5 == 100.0  # min(5, k, 4 classes) = every class
 
 
 @pytest.mark.parametrize("k", [1, 5, 20])
@@ -179,7 +183,7 @@ def test_uniform_top5_against_reference_with_ties():
     train, ytr, test, yte = make_data(400, 120, 3, num_classes=9, seed=7, integer_high=3)
     for metric in ("euclidean", "cosine"):
         test_nz, train_nz = test + 1.0, train + 1.0  # no zero vectors for cosine
-        expected = reference_accuracy(reference_scores(train_nz, ytr, test_nz, 6, 0.07, 9, metric, "uniform"), yte)
+        expected = reference_accuracy(reference_scores(train_nz, ytr, test_nz, 6, 0.07, 9, metric, "uniform"), yte, 6)
         args = [torch.from_numpy(a) for a in (train_nz, ytr, test_nz, yte)]
         assert knn_classifier(*args, 6, 0.07, 9, metric=metric, weighting="uniform") == pytest.approx(expected)
 
@@ -217,13 +221,45 @@ def test_weighted_matches_plain_reference(metric, T, dtype):
         ratio = ref.max(axis=1, keepdims=True) / ours.max(axis=1, keepdims=True)
         np.testing.assert_allclose(ours * ratio, ref, rtol=1e-9, atol=1e-300)
     top = knn_classifier(*args, torch.from_numpy(yte), 20, T, 10, metric=metric, weighting="distance")
-    assert top == pytest.approx(reference_accuracy(ref, yte), abs=1e-9)
+    assert top == pytest.approx(reference_accuracy(ref, yte, 20), abs=1e-9)
+
+
+def test_temperature_and_vote_weights_on_a_hand_computed_example():
+    """Test sample x = e0; neighbours: one of class 0 at cosine 0.9, two of class 1 at cosine 0.6 (k = 3).
+    Official vote: class score = sum over its neighbours of exp(cos / T):
+    T = 0.07: class 0 exp(0.9 / 0.07) = e^12.857 > class 1 2 e^(0.6 / 0.07) = 2 e^8.571: predicts 0;
+    T = 1: class 0 e^0.9 = 2.460 < class 1 2 e^0.6 = 3.644: predicts 1; uniform votes: 1 vs 2: predicts 1."""
+    a, b = 0.9, 0.6
+    train = torch.tensor(
+        [[a, (1 - a**2) ** 0.5, 0.0, 0.0], [b, 0.0, (1 - b**2) ** 0.5, 0.0], [b, 0.0, 0.0, (1 - b**2) ** 0.5]],
+        dtype=torch.float64,
+    )
+    labels, test = torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    for T, expected in ((0.07, 0), (1.0, 1)):
+        predictions, scores = knn_predict(train, labels, test, 3, 2, T=T)
+        assert predictions.tolist() == [expected]
+        hand = torch.tensor([np.exp(a / T), 2 * np.exp(b / T)], dtype=torch.float64)
+        torch.testing.assert_close(scores[0] / scores[0].sum(), hand / hand.sum(), rtol=1e-12, atol=0)
+    predictions, scores = knn_predict(train, labels, test, 3, 2, T=0.07, weighting="uniform")
+    assert predictions.tolist() == [1] and scores[0].tolist() == [1.0, 2.0]
+
+
+def test_top5_with_fewer_than_five_neighbours_counts_only_voted_classes():
+    """k = 1: the single neighbour (class 2) votes; the true class 0 got no vote. Official DINO counts top-5 over the
+    min(5, k) = 1 best classes: 0 % top-5 (not 100 % because class 0 ranks among the zero-score classes)."""
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 1, 2])
+    test, test_labels = torch.tensor([[-1.0, 0.1]]), torch.tensor([0])
+    assert knn_classifier(train, labels, test, test_labels, 1, 0.07, 3) == (0.0, 0.0)
+    # k = 2: the neighbours are class 2 (cos 0.995) and class 1 (cos 0.0995); class 0 (cos -0.995) still has no vote
+    assert knn_classifier(train, labels, test, test_labels, 2, 0.07, 3) == (0.0, 0.0)
+    assert knn_classifier(train, labels, test, torch.tensor([1]), 2, 0.07, 3) == (0.0, 100.0)
 
 
 @pytest.mark.parametrize("n_test", [1, 7, 99])
 def test_small_test_sets(n_test):
     train, ytr, test, yte = make_data(300, n_test, 8, num_classes=6, seed=n_test)
-    expected = reference_accuracy(reference_scores(train, ytr, test, 5, 0.07, 6, "cosine", "distance"), yte)
+    expected = reference_accuracy(reference_scores(train, ytr, test, 5, 0.07, 6, "cosine", "distance"), yte, 5)
     args = [torch.from_numpy(a) for a in (train, ytr, test, yte)]
     assert knn_classifier(*args, 5, 0.07, 6) == pytest.approx(expected, abs=1e-9)
 
@@ -234,7 +270,7 @@ def test_fewer_than_five_classes_and_k_equal_to_train_size():
     top1, top5 = knn_classifier(*args, 12, 0.07, 3)
     assert top5 == 100.0
     ref = reference_scores(train, ytr, test, 12, 0.07, 3, "cosine", "distance")
-    assert top1 == pytest.approx(reference_accuracy(ref, yte)[0])
+    assert top1 == pytest.approx(reference_accuracy(ref, yte, 12)[0])
 
 
 @pytest.mark.parametrize(("metric", "weighting"), [("cosine", "distance"), ("euclidean", "uniform")])

@@ -369,14 +369,15 @@ def knn_classifier(
         test_labels: ``(M,)`` integer labels, ``M >= 1``.
 
     Returns:
-        ``(top1, top5)`` in percent. "Top-5" counts a hit when the label is among the ``min(5, num_classes)``
-        best-scored classes (ties towards smaller labels).
+        ``(top1, top5)`` in percent. "Top-5" counts a hit when the label is among the ``min(5, k, num_classes)``
+        best-scored classes (ties towards smaller labels): with ``k < 5`` neighbours only classes that got a vote
+        can be hits, as in official DINO's ``knn_classifier``.
     """
     if test_features.shape[0] == 0:
         raise ValueError("empty test set: accuracy is undefined")
     if test_labels.shape != (test_features.shape[0],):
         raise ValueError(f"test_labels must have shape ({test_features.shape[0]},), got {tuple(test_labels.shape)}")
-    maxk = min(MAX_TOPK, num_classes)
+    maxk = min(MAX_TOPK, k, num_classes)
     hits = torch.zeros(2, dtype=torch.long, device=train_features.device)  # (top-1, top-5) hits, no per-chunk sync
     for start, scores in iter_knn_scores(
         train_features, train_labels, test_features, k, num_classes, T, metric, weighting, chunk_size
