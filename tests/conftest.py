@@ -1,19 +1,81 @@
-"""Shared fixtures: a small embedded dataset and a helper to run the scripts as a user would."""
+"""Shared fixtures (a small embedded dataset, a helper to run the scripts as a user would) and the session's rules:
+
+- no network: every Python process of the session (this one, and the ones it starts, through
+  ``tests/netguard/sitecustomize.py`` on ``PYTHONPATH``) refuses socket connections outside the loopback; a test during
+  which any process tried one fails, naming the address;
+- no writes outside temporary folders: the caches of Hugging Face, torch, Numba and XDG point into a session folder.
+
+The environment is set when this module is imported, before any library that reads it at import time.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
-
-from utils.data.synthetic import generate_synthetic_dataset
-
 ROOT = Path(__file__).resolve().parents[1]
+NETGUARD_DIR = ROOT / "tests" / "netguard"
+#: The session's scratch folder for caches that libraries write (removed at the end of the session).
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="tinydino-tests-"))
+NETWORK_LOG = SESSION_DIR / "network-attempts.log"
+
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    HF_HOME=str(SESSION_DIR / "huggingface"),
+    TORCH_HOME=str(SESSION_DIR / "torch"),
+    XDG_CACHE_HOME=str(SESSION_DIR / "cache"),
+    NUMBA_CACHE_DIR=str(SESSION_DIR / "numba"),
+    MPLCONFIGDIR=str(SESSION_DIR / "matplotlib"),
+    TINYDINO_NETWORK_LOG=str(NETWORK_LOG),
+    PYTHONPATH=os.pathsep.join([str(NETGUARD_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]),
+)
+sys.path.insert(0, str(NETGUARD_DIR))
+import netguard  # noqa: E402
+
+sys.path.remove(str(NETGUARD_DIR))
+netguard.install()
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+from utils.data.synthetic import generate_synthetic_dataset  # noqa: E402
+
+
+def network_attempts() -> list[str]:
+    """Every refused connection of the session so far, of this process and of those it started (one log for all)."""
+    return NETWORK_LOG.read_text().splitlines() if NETWORK_LOG.exists() else []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _fail_on_network(item, "setup"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _fail_on_network(item, "call"))
+
+
+def _fail_on_network(item, phase):
+    """Generator body of the two wrappers above: fail the test if any process tried the network during ``phase``
+    (even when the code under test caught the guard's error)."""
+    before = len(network_attempts())
+    result = yield
+    new = network_attempts()[before:]
+    if new:
+        raise netguard.NetworkAccessError(f"{item.nodeid} ({phase}) tried the network: {'; '.join(new[:5])}")
+    return result
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)
+
 
 #: Flags that make a pretraining run tiny (seconds on a 2-core CPU).
 TINY_TRAIN_FLAGS = [

@@ -86,6 +86,12 @@ def test_random_init_when_no_weights():
 
 
 def test_timm_hub_offline_is_a_clear_error(monkeypatch):
+    """Offline for real: huggingface_hub reads ``HF_HUB_OFFLINE`` once, at import, so the test sets the constant the
+    hub reads at call time (and the environment, for any process started). The session's network guard fails the
+    test if a connection is tried anyway."""
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match="--pretrained_weights"):
         build_pretrained_backbone("vit_tiny", 16, 64, timm_model="vit_small_patch16_224.dino")
