@@ -73,6 +73,16 @@ def _fail_on_network(item, phase):
     return result
 
 
+#: Per-test time limit of the tests marked ``slow`` (the others get pyproject.toml's ``timeout``).
+SLOW_TEST_TIMEOUT_S = 900
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT_S))
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(SESSION_DIR, ignore_errors=True)
 

@@ -1,7 +1,8 @@
 """run_with_submitit.py: argument splitting, one-line errors, the local executor, and a real one-node SLURM cluster.
 
 The SLURM tests start their own cluster (tests/slurm/cluster.sh, as root, Debian's slurmctld/slurmd/munge packages)
-once per session and stop it at the end; they are skipped, with the reason, where it cannot start.
+once per session and stop it at the end; they are skipped, with the reason, where it cannot start, except under CI
+(environment variable ``CI`` set) on a machine that can have SLURM (root, with apt-get): there they fail.
 """
 
 from __future__ import annotations
@@ -103,10 +104,11 @@ def test_failure_reason_is_the_last_line_of_the_trace():
 
     exc = FailedJobError(
         "Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent call "
-        'last):\n  File "x.py", line 1\nutils.data.folders.DatasetError: no images in /nowhere\n----------------------\n'
+        'last):\n  File "x.py", line 1\nutils.runtime.errors.DatasetError: no images in /nowhere\n'
+        "----------------------\n"
         "You can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n  - /a.err\n  - /a.out"
     )
-    assert failure_reason(exc) == "utils.data.folders.DatasetError: no images in /nowhere"
+    assert failure_reason(exc) == "utils.runtime.errors.DatasetError: no images in /nowhere"
 
 
 @pytest.mark.parametrize(
@@ -148,14 +150,43 @@ def test_local_executor_runs_two_tasks(small_synthetic, tmp_path, capsys, monkey
     assert "2 process(es)" in next((out / "submitit").glob("*/*_0_log.out")).read_text()
 
 
+@pytest.mark.parametrize(
+    ("ci", "euid", "apt", "outcome"),
+    [
+        ("1", 0, "/usr/bin/apt-get", "fail"),
+        ("", 0, "/usr/bin/apt-get", "skip"),
+        ("1", 1000, "/usr/bin/apt-get", "skip"),
+        ("1", 0, None, "skip"),
+    ],
+)
+def test_a_cluster_that_cannot_start_fails_under_ci_where_slurm_can_run(ci, euid, apt, outcome, monkeypatch):
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
+    monkeypatch.setattr(shutil, "which", lambda name, **kw: apt if name == "apt-get" else None)
+    expected = pytest.fail.Exception if outcome == "fail" else pytest.skip.Exception
+    with pytest.raises(expected, match="did not start"):
+        skip_or_fail("the SLURM test cluster did not start: x")
+
+
 # ---- a real SLURM cluster -----------------------------------------------------------------------------------------
+def slurm_required() -> bool:
+    """Under CI (``CI`` set) on a machine where ``.ci/run`` installs SLURM (root with apt-get), the cluster must run."""
+    return bool(os.environ.get("CI")) and os.geteuid() == 0 and shutil.which("apt-get") is not None
+
+
+def skip_or_fail(reason: str) -> None:
+    if slurm_required():
+        pytest.fail(f"{reason} (CI is set and this machine can run SLURM: not skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory) -> Path:
     """A one-node SLURM cluster for the session (its slurm.conf), stopped at the end even when tests fail."""
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
     missing = [c for c in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(c, path=search) is None]
     if missing:
-        pytest.skip(
+        skip_or_fail(
             f"SLURM not installed ({', '.join(missing)} missing: apt-get install slurmctld slurmd slurm-client munge)"
         )
     if os.geteuid() != 0:
@@ -165,7 +196,7 @@ def slurm_cluster(tmp_path_factory) -> Path:
     started = subprocess.run([script, "start", str(folder)], capture_output=True, text=True, timeout=120)
     try:
         if started.returncode != 0:
-            pytest.skip(f"the SLURM test cluster did not start: {started.stderr.strip()[-2000:]}")
+            skip_or_fail(f"the SLURM test cluster did not start: {started.stderr.strip()[-2000:]}")
         yield Path(started.stdout.strip().splitlines()[-1].split("=", 1)[1])
     finally:
         subprocess.run([script, "stop", str(folder)], timeout=120)
