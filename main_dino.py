@@ -17,6 +17,7 @@ import torch
 from utils.model.vit import ARCH_ALIASES, check_arch
 from utils.runtime.cli import UsageError, bool_flag, user_errors
 from utils.train.loss import DINOLoss
+from utils.train.optim import CLIP_MODES
 from utils.train.run import train_dino
 
 __all__ = ["DINOLoss", "get_args_parser", "main", "train_dino"]
@@ -79,7 +80,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=float,
         help="final weight decay (cosine schedule); default: same as --weight_decay",
     )
-    optim.add_argument("--clip_grad", default=3.0, type=float, help="max global gradient norm (0: no clipping)")
+    optim.add_argument(
+        "--clip_grad",
+        default=3.0,
+        type=float,
+        help="maximal gradient norm (0: no clipping); by default of each parameter's gradient (see --clip_grad_mode)",
+    )
+    optim.add_argument(
+        "--clip_grad_mode",
+        default="param",
+        choices=CLIP_MODES,
+        help="param: clip each parameter's gradient norm separately, as official DINO; global: clip the joint norm "
+        "of all gradients (one factor for all, keeps the update's direction; not in official DINO)",
+    )
     optim.add_argument("--batch_size_per_gpu", default=256, type=int, help="images per process and iteration")
     optim.add_argument("--epochs", default=300, type=int, help="number of training epochs")
     optim.add_argument(

@@ -3,9 +3,8 @@ tested against (``benchmarks/bench_train_step.py``, ``tests/train/test_training_
 
 Per-pair Python loop in the loss, PyTorch's default (per-tensor, non-fused) AdamW, one host synchronisation per step
 to check the loss, a Python loop over parameters for the EMA, and the head's last layer as the official code builds
-it (``torch.nn.utils.weight_norm`` on a bias-free ``nn.Linear``: see :func:`use_official_last_layer`). Gradient
-clipping is a global norm here too (the official per-tensor clip would make the two steps differ by design, not by
-implementation).
+it (``torch.nn.utils.weight_norm`` on a bias-free ``nn.Linear``: see :func:`use_official_last_layer`), and official
+DINO's gradient clipping (:func:`official_clip_gradients`: each parameter's gradient norm on its own).
 """
 
 from __future__ import annotations
@@ -87,15 +86,27 @@ def reference_train_step(
     optimizer.zero_grad()
     loss.backward()
     if clip_grad:
-        torch.nn.utils.clip_grad_norm_(
-            [p for p in student.parameters() if p.grad is not None], clip_grad, foreach=False
-        )
+        official_clip_gradients(student, clip_grad)
     cancel_gradients_last_layer(epoch, student, freeze_last_layer)
     optimizer.step()
     with torch.no_grad():
         for param_q, param_k in zip(student.parameters(), teacher.parameters()):
             param_k.data.mul_(momentum).add_((1 - momentum) * param_q.detach().data)
     return loss_value
+
+
+def official_clip_gradients(model: nn.Module, clip: float) -> list[float]:
+    """Official DINO's ``utils.clip_gradients``: each parameter's gradient scaled by ``clip / (norm + 1e-6)`` where
+    that is below 1 (a host synchronisation per parameter); returns the norms before clipping."""
+    norms = []
+    for p in model.parameters():
+        if p.grad is not None:
+            param_norm = p.grad.data.norm(2)
+            norms.append(param_norm.item())
+            clip_coef = clip / (param_norm + 1e-6)
+            if clip_coef < 1:
+                p.grad.data.mul_(clip_coef)
+    return norms
 
 
 def reference_optimizer(param_groups) -> torch.optim.Optimizer:

@@ -1,3 +1,6 @@
+import math
+import warnings
+
 import pytest
 import timm
 import torch
@@ -106,3 +109,64 @@ def test_multicrop_wrapper_groups_resolutions_and_keeps_order():
         assert calls == [4, 2]
         for i, crop in enumerate(crops):
             torch.testing.assert_close(out[2 * i : 2 * i + 2], head(backbone(crop)), atol=1e-5, rtol=1e-5)
+
+
+class OfficialDINOHead(torch.nn.Module):
+    """Official DINO's ``DINOHead`` (facebookresearch/dino, vision_transformer.py), written out: its ``_init_weights``
+    runs before the last layer exists, so the last layer keeps ``nn.Linear``'s default init; ``weight_g`` is 1."""
+
+    def __init__(
+        self, in_dim, out_dim, use_bn=False, norm_last_layer=True, nlayers=3, hidden_dim=2048, bottleneck_dim=256
+    ):
+        super().__init__()
+        layers = [torch.nn.Linear(in_dim, hidden_dim)]
+        if use_bn:
+            layers.append(torch.nn.BatchNorm1d(hidden_dim))
+        layers.append(torch.nn.GELU())
+        for _ in range(nlayers - 2):
+            layers.append(torch.nn.Linear(hidden_dim, hidden_dim))
+            if use_bn:
+                layers.append(torch.nn.BatchNorm1d(hidden_dim))
+            layers.append(torch.nn.GELU())
+        layers.append(torch.nn.Linear(hidden_dim, bottleneck_dim))
+        self.mlp = torch.nn.Sequential(*layers)
+        self.apply(self._init_weights)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            self.last_layer = torch.nn.utils.weight_norm(torch.nn.Linear(bottleneck_dim, out_dim, bias=False))
+        self.last_layer.weight_g.data.fill_(1)
+        if norm_last_layer:
+            self.last_layer.weight_g.requires_grad = False
+
+    def _init_weights(self, m):
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                torch.nn.init.constant_(m.bias, 0)
+
+
+@pytest.mark.parametrize("use_bn", [False, True])
+def test_head_init_is_the_official_one(use_bn):
+    """Same seed, same parameters as the official head: the MLP truncated-normal, the last layer's ``weight_v``
+    PyTorch's default ``nn.Linear`` init (kaiming-uniform, bound ``1 / sqrt(in)``), ``weight_g`` ones."""
+    torch.manual_seed(3)
+    official = OfficialDINOHead(48, 300, use_bn=use_bn, hidden_dim=64, bottleneck_dim=32)
+    torch.manual_seed(3)
+    ours = DINOHead(48, 300, use_bn=use_bn, hidden_dim=64, bottleneck_dim=32)
+    expected = official.state_dict()
+    assert set(ours.state_dict()) == set(expected)
+    for name, value in ours.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+    assert ours.last_layer.weight_g.requires_grad is False
+
+
+def test_last_layer_weight_is_kaiming_uniform():
+    """The last layer's ``weight_v`` is ``U(-1/sqrt(in), 1/sqrt(in))`` (kaiming_uniform with a = sqrt(5)): bounded by
+    the bound, spread over it (row norms about ``sqrt(in / 3) / sqrt(in)``), not a 0.02 normal."""
+    in_dim = 256
+    torch.manual_seed(0)
+    v = DINOHead(16, 4096, hidden_dim=32, bottleneck_dim=in_dim).last_layer.weight_v.detach()
+    bound = 1 / math.sqrt(in_dim)
+    assert v.abs().max() <= bound
+    assert v.abs().max() > 0.99 * bound
+    torch.testing.assert_close(v.std(), torch.tensor(bound / math.sqrt(3)), rtol=0.01, atol=0)

@@ -6,6 +6,7 @@ give it DINO's two extra methods, ``get_intermediate_layers`` and ``get_last_sel
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import timm
@@ -133,14 +134,16 @@ class WeightNormLinear(nn.Module):
     """A bias-free linear layer with weight normalisation, ``W = g * V / ||V||`` row-wise.
 
     Parameters are named ``weight_g`` ``[out, 1]`` and ``weight_v`` ``[out, in]`` as in the official DINO head's
-    state dict. With ``fix_norm=True`` the norms ``g`` stay 1 (they get no gradient). The forward and backward are
+    state dict, and initialised as there: ``weight_v`` as PyTorch's default ``nn.Linear`` weight (kaiming-uniform,
+    ``U(-1/sqrt(in), 1/sqrt(in))``, the same random draws), ``weight_g`` ones. With ``fix_norm=True`` the norms
+    ``g`` stay 1 (they get no gradient). The forward and backward are
     :func:`utils.model.weight_norm.weight_norm_linear` (fused and blockwise on the CPU: no ``W`` is formed).
     """
 
     def __init__(self, in_dim: int, out_dim: int, fix_norm: bool = True):
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # nn.Linear.reset_parameters' weight init
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not fix_norm)
 
     @property
@@ -153,7 +156,10 @@ class WeightNormLinear(nn.Module):
 
 class DINOHead(nn.Module):
     """DINO's projection head: MLP (``nlayers`` linear layers, GELU, optional BN) → L2-normalised bottleneck →
-    weight-normalised linear layer to ``out_dim`` logits. ``[B, in_dim]`` → ``[B, out_dim]``."""
+    weight-normalised linear layer to ``out_dim`` logits. ``[B, in_dim]`` → ``[B, out_dim]``.
+
+    Initialised as official DINO's head: the MLP's linear layers truncated-normal (std 0.02, zero biases), the last
+    layer (created after that init) as :class:`WeightNormLinear` says."""
 
     def __init__(
         self,

@@ -68,16 +68,34 @@ def build_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradSca
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
-def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip the global L2 norm of all gradients to ``max_norm`` (0 = no clipping); returns the norm before clipping.
+#: ``--clip_grad_mode`` choices: ``param`` clips each parameter's gradient norm (official DINO), ``global`` their
+#: joint norm (``torch.nn.utils.clip_grad_norm_``).
+CLIP_MODES = ("param", "global")
 
-    One fused global norm over all tensors (the official code clips each tensor separately, which changes the
-    direction of the update; a global norm does not).
+
+@torch.no_grad()
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float, mode: str = "param") -> torch.Tensor:
+    """Clip the gradients to ``max_norm`` (0 = no clipping); returns their global L2 norm before clipping (0-d).
+
+    ``mode="param"``: each parameter's gradient on its own, as official DINO's ``utils.clip_gradients``: multiplied by
+    ``max_norm / (norm + 1e-6)`` where that is below 1. ``mode="global"``: all gradients by one factor, so that their
+    joint norm is at most ``max_norm``. Foreach kernels over the tensors; no host synchronisation.
     """
-    grads = [p for p in parameters if p.grad is not None]
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
-    return gradient_norm(grads)
+    if mode not in CLIP_MODES:
+        raise ValueError(f"unknown clip mode {mode!r}: use {' or '.join(CLIP_MODES)}")
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if max_norm <= 0:
+        return total
+    if mode == "global":
+        torch._foreach_mul_(grads, torch.clamp_max(max_norm / (total + 1e-6), 1.0))
+        return total
+    coefficients = torch.clamp_max(max_norm / (torch.stack(norms) + 1e-6), 1.0)
+    torch._foreach_mul_(grads, list(coefficients.unbind()))
+    return total
 
 
 def gradient_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:

@@ -242,6 +242,7 @@ class DINOPretraining:
             args.clip_grad,
             args.freeze_last_layer,
             koleo_weight=args.koleo_loss_weight,
+            clip_grad_mode=args.clip_grad_mode,
         )
 
     def _build_schedules(self) -> None:

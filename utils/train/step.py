@@ -53,6 +53,7 @@ class DINOState:
     clip_grad: float = 3.0
     freeze_last_layer: int = 1
     koleo_weight: float = 0.0  # DINOv2's KoLeo term on the student's global-crop backbone features (0: off)
+    clip_grad_mode: str = "param"  # "param": each parameter's gradient clipped on its own (official); "global"
     nonfinite_steps: int = 0
     consecutive_nonfinite: int = 0
     ema_pairs: tuple[list, list] = field(default_factory=lambda: ([], []))
@@ -114,11 +115,12 @@ def train_step(state: DINOState, crops: list[torch.Tensor], epoch: int, schedule
         state.scaler.unscale_(state.optimizer)
     else:
         loss.backward()
-    clip_in_optimizer = state.skips_on_device and state.clip_grad > 0  # fused AdamW divides by grad_scale itself
+    # a global clip is one divisor: fused AdamW divides by its grad_scale in its own pass over the gradients
+    clip_in_optimizer = state.skips_on_device and state.clip_grad > 0 and state.clip_grad_mode == "global"
     if clip_in_optimizer:
         grad_norm = gradient_norm(state.trainable).to(loss.device)
     else:
-        grad_norm = clip_gradients(state.trainable, state.clip_grad).to(loss.device)
+        grad_norm = clip_gradients(state.trainable, state.clip_grad, state.clip_grad_mode).to(loss.device)
     cancel_gradients_last_layer(epoch, state.student_module, state.freeze_last_layer)
 
     local_bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
