@@ -1,0 +1,457 @@
+"""Mutation check: small changes of DINO's meaning, each applied to a temporary copy of the repository, must each make
+a fast test fail.
+
+Every mutant names a library file, an exact source fragment that occurs there once, and its replacement. For each
+mutant the tracked and untracked-but-not-ignored files of the working tree are copied to a temporary folder (the
+working tree itself is never modified), the fragment is replaced there, and the mutant's own test selection runs in
+that copy (``--all-tests``: the whole fast suite). A mutant is
+
+* ``killed`` when a test fails (the first failing test is reported),
+* ``survived`` when every test passes,
+* ``error`` when its fragment is not found exactly once (the code moved: fix the pattern), when its tests do not
+  collect, or when they fail on the unmutated copy too (a baseline run checks the selections first).
+
+Usage::
+
+    python tools/mutation_check.py                # every mutant against its own tests
+    python tools/mutation_check.py --ci           # the fixed subset CI runs
+    python tools/mutation_check.py --only NAME... # some mutants
+    python tools/mutation_check.py --list         # the mutants and their tests
+    python tools/mutation_check.py --all-tests    # each mutant against the whole fast suite (slow)
+
+Prints a table and, last, one JSON line ``{"killed": n, "survived": n, "error": n, "results": [...]}``. Exits 1 when a
+mutant survives or errors, 0 when every mutant is killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST_MARKERS = "not slow and not slurm and not distributed"
+
+TRAIN = "tests/train/test_dino_semantics.py"
+MODEL = "tests/model/test_dino_semantics_model.py"
+EVAL = "tests/eval/test_eval_semantics.py"
+DATA = "tests/data/test_relayout_semantics.py"
+RECIPE = "tests/data/test_recipe_semantics.py"
+RNG = "tests/runtime/test_rng_semantics.py"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One change of meaning: ``pattern`` (occurring exactly once in ``file``) becomes ``replacement``."""
+
+    name: str
+    file: str
+    pattern: str
+    replacement: str
+    tests: tuple[str, ...]  # pytest node ids or files expected to kill it
+    ci: bool = False  # part of the fixed subset that CI runs
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    Mutant(
+        "head_without_l2_norm",
+        "utils/model/vit.py",
+        "x = F.normalize(self.mlp(x), dim=-1, p=2)",
+        "x = self.mlp(x)",
+        (f"{MODEL}::test_head_last_layer_gets_the_l2_normalised_bottleneck",),
+        ci=True,
+    ),
+    Mutant(
+        "intermediate_layers_without_final_norm",
+        "utils/model/vit.py",
+        "outputs.append(self.norm(x))",
+        "outputs.append(x)",
+        (f"{MODEL}::test_intermediate_layers_are_the_last_blocks_through_the_final_norm",),
+        ci=True,
+    ),
+    Mutant(
+        "last_layer_never_frozen",
+        "utils/train/optim.py",
+        "if epoch >= freeze_last_layer:",
+        "if True:",
+        (f"{TRAIN}::test_last_layer_is_frozen_during_the_first_epochs",),
+        ci=True,
+    ),
+    Mutant(
+        "weight_decay_on_biases_and_norms",
+        "utils/train/optim.py",
+        'name.endswith(".bias") or param.ndim <= 1',
+        "False",
+        (f"{TRAIN}::test_parameter_groups_follow_the_official_weight_decay_rule",),
+        ci=True,
+    ),
+    Mutant(
+        "centre_not_subtracted",
+        "utils/train/loss.py",
+        "teacher_logits = (teacher_output - self.center).div_(",
+        "teacher_logits = (teacher_output + 0 * self.center).div_(",
+        (f"{TRAIN}::test_loss_and_centre_equal_the_official_dino_loss",),
+        ci=True,
+    ),
+    Mutant(
+        "centre_momentum_swapped",
+        "utils/train/loss.py",
+        "self.center * self.center_momentum + batch_center * (1 - self.center_momentum)",
+        "self.center * (1 - self.center_momentum) + batch_center * self.center_momentum",
+        (f"{TRAIN}::test_centre_is_an_ema_of_the_teacher_batch_mean",),
+        ci=True,
+    ),
+    Mutant(
+        "student_temperature_doubled",
+        "utils/train/loss.py",
+        "logits = student_output * (1.0 / student_temp)",
+        "logits = student_output * (0.5 / student_temp)",
+        (f"{TRAIN}::test_loss_and_centre_equal_the_official_dino_loss",),
+    ),
+    Mutant(
+        "no_teacher_temperature_warmup",
+        "utils/train/schedules.py",
+        "np.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs)",
+        "np.linspace(teacher_temp, teacher_temp, warmup_epochs)",
+        (f"{TRAIN}::test_loss_and_centre_equal_the_official_dino_loss",),
+    ),
+    Mutant(
+        "same_view_pairs_not_skipped",
+        "utils/train/loss.py",
+        "pairs = 1.0 - torch.eye(",
+        "pairs = 1.0 - 0.0 * torch.eye(",
+        (f"{TRAIN}::test_loss_and_centre_equal_the_official_dino_loss",),
+    ),
+    Mutant(
+        "teacher_takes_gradients",
+        "utils/model/vit.py",
+        "p.requires_grad_(False)",
+        "p.requires_grad_(True)",
+        (f"{TRAIN}::test_teacher_takes_no_gradient_in_a_step",),
+    ),
+    Mutant(
+        "drop_path_in_teacher",
+        "utils/model/vit.py",
+        "build_backbone(args.arch, args.patch_size, args.global_crop_size, 0.0)",
+        "build_backbone(args.arch, args.patch_size, args.global_crop_size, args.drop_path_rate)",
+        (f"{MODEL}::test_teacher_has_no_stochastic_depth",),
+    ),
+    Mutant(
+        "ema_weight_inverted",
+        "utils/train/optim.py",
+        "torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)",
+        "torch._foreach_lerp_(teacher_params, student_params, momentum)",
+        (f"{TRAIN}::test_teacher_is_the_official_ema_of_the_student",),
+        ci=True,
+    ),
+    Mutant(
+        "lr_not_scaled_by_global_batch",
+        "utils/train/run.py",
+        "args.lr * global_batch / 256.0",
+        "args.lr",
+        (f"{TRAIN}::test_lr_is_scaled_by_the_global_batch",),
+    ),
+    Mutant(
+        "cosine_end_value",
+        "utils/train/schedules.py",
+        "cosine = final_value + 0.5 * (base_value - final_value)",
+        "cosine = 0.0 + 0.5 * (base_value - final_value)",
+        (f"{TRAIN}::test_cosine_scheduler_equals_the_official_formula",),
+    ),
+    Mutant(
+        "momentum_schedule_reversed",
+        "utils/train/schedules.py",
+        "(1.0 - momentum_teacher) * 0.5 * (1 + np.cos(np.pi * phase))",
+        "(1.0 - momentum_teacher) * 0.5 * (1 - np.cos(np.pi * phase))",
+        (f"{TRAIN}::test_teacher_momentum_schedule_closed_form",),
+    ),
+    Mutant(
+        "gradient_clipping_skipped",
+        "utils/train/optim.py",
+        "if max_norm <= 0:",
+        "if max_norm <= 1e30:",
+        (f"{TRAIN}::test_gradient_clipping_bounds_every_parameter_update",),
+        ci=True,
+    ),
+    Mutant(
+        "blur_global_view_1_not_always",
+        "utils/data/augment/per_image.py",
+        "RandomGaussianBlur(1.0)",
+        "RandomGaussianBlur(0.5)",
+        (RECIPE,),
+    ),
+    Mutant(
+        "blur_global_view_2_p05",
+        "utils/data/augment/per_image.py",
+        "RandomGaussianBlur(0.1)",
+        "RandomGaussianBlur(0.5)",
+        (RECIPE,),
+    ),
+    Mutant(
+        "blur_local_views_p01",
+        "utils/data/augment/per_image.py",
+        "RandomGaussianBlur(0.5), normalize()",
+        "RandomGaussianBlur(0.1), normalize()",
+        (RECIPE,),
+    ),
+    Mutant(
+        "no_solarisation",
+        "utils/data/augment/per_image.py",
+        "RandomSolarize(0.2)",
+        "RandomSolarize(0.0)",
+        (RECIPE,),
+    ),
+    Mutant(
+        "knn_temperature_doubled",
+        "utils/eval/knn.py",
+        "logits = values / T",
+        "logits = values / (2 * T)",
+        (f"{EVAL}::test_knn_temperature_decides_a_hand_computed_vote",),
+        ci=True,
+    ),
+    Mutant(
+        "knn_uniform_votes",
+        "utils/eval/knn.py",
+        "return (logits - logits.max(dim=1, keepdim=True).values).exp_()",
+        "return torch.ones_like(values)",
+        (f"{EVAL}::test_knn_scores_are_the_official_weighted_votes",),
+    ),
+    Mutant(
+        "knn_top5_counts_zero_vote_classes",
+        "utils/eval/knn.py",
+        "maxk = min(MAX_TOPK, k, num_classes)",
+        "maxk = min(MAX_TOPK, num_classes)",
+        (f"{EVAL}::test_knn_top5_with_one_neighbour_counts_only_the_voted_class",),
+    ),
+    Mutant(
+        "linear_probe_ignores_n_last_blocks",
+        "utils/eval/linear_probe.py",
+        "layers = model.get_intermediate_layers(images, n_last_blocks)",
+        "layers = model.get_intermediate_layers(images, 1) * n_last_blocks",
+        (f"{EVAL}::test_linear_probe_features_follow_n_last_blocks_and_avgpool",),
+    ),
+    Mutant(
+        "linear_probe_avgpool_includes_cls",
+        "utils/eval/linear_probe.py",
+        "parts.append(layers[-1][:, model.num_prefix_tokens :].mean(dim=1))",
+        "parts.append(layers[-1].mean(dim=1))",
+        (f"{EVAL}::test_linear_probe_features_follow_n_last_blocks_and_avgpool",),
+    ),
+    Mutant(
+        "val_relayout_wrong_column",
+        "utils/data/folders.py",
+        "fname, wnid = fields[0].strip(), fields[1].strip()",
+        "fname, wnid = fields[0].strip(), fields[-1].strip()",
+        (DATA,),
+        ci=True,
+    ),
+    Mutant(
+        "checkpoint_rng_not_restored",
+        "utils/train/run.py",
+        "restore_rng_state(self._rng_to_restore)",
+        "pass",
+        (f"{RNG}::test_resumed_run_equals_the_uninterrupted_run",),
+    ),
+    Mutant(
+        "rng_torch_state_not_restored",
+        "utils/runtime/rng.py",
+        'torch.set_rng_state(state["torch"])',
+        "torch.get_rng_state()",
+        (f"{RNG}::test_saved_rng_state_restores_every_random_stream",),
+        ci=True,
+    ),
+)
+
+
+@dataclass
+class Result:
+    name: str
+    file: str
+    status: str  # killed | survived | error
+    killer: str = ""  # the first failing test, or why the mutant is an error
+    seconds: float = 0.0
+    tests: list[str] = field(default_factory=list)
+
+
+def repository_files(root: Path) -> list[str]:
+    """Tracked files plus untracked ones that git does not ignore (new tests before their commit)."""
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    ).stdout
+    return sorted({name for name in out.decode().split("\0") if name and (root / name).is_file()})
+
+
+def copy_tree(root: Path, files: list[str], dest: Path) -> None:
+    for name in files:
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, target)
+
+
+def apply_mutant(copy: Path, mutant: Mutant) -> str | None:
+    """Replace the mutant's pattern in the copy; returns why it could not (None when applied)."""
+    path = copy / mutant.file
+    if not path.is_file():
+        return f"file {mutant.file} not found"
+    source = path.read_text(encoding="utf-8")
+    count = source.count(mutant.pattern)
+    if count != 1:
+        return f"pattern found {count} times in {mutant.file} (must be exactly once)"
+    path.write_text(source.replace(mutant.pattern, mutant.replacement), encoding="utf-8")
+    return None
+
+
+FAILED_LINE = re.compile(r"^(FAILED|ERROR) (\S+)")
+
+
+def failing_tests(output: str) -> list[str]:
+    """Node ids of the ``FAILED``/``ERROR`` lines of pytest's short summary (``-rfE``)."""
+    return [m.group(2) for line in output.splitlines() if (m := FAILED_LINE.match(line.strip()))]
+
+
+def run_pytest(copy: Path, tests: list[str], timeout: float, stop_first: bool, deselect: list[str]) -> tuple[int, str]:
+    """Run pytest in ``copy`` (its own ``utils`` first on the path); returns (exit code, output)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "-m", FAST_MARKERS]
+    cmd += ["-x"] if stop_first else []
+    cmd += [arg for node in deselect for arg in ("--deselect", node)]
+    cmd += tests
+    env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    try:
+        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return -1, out
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_selection(mutant: Mutant, all_tests: bool) -> list[str]:
+    return ["tests"] if all_tests else list(mutant.tests)
+
+
+def check_mutant(
+    mutant: Mutant, files: list[str], all_tests: bool, timeout: float, deselect: list[str], keep: bool
+) -> Result:
+    start = time.monotonic()
+    tests = test_selection(mutant, all_tests)
+    result = Result(mutant.name, mutant.file, "error", tests=tests)
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as tmp:
+        copy = Path(tmp)
+        copy_tree(ROOT, files, copy)
+        problem = apply_mutant(copy, mutant)
+        if problem is not None:
+            result.killer = problem
+        else:
+            code, output = run_pytest(copy, tests, timeout, stop_first=True, deselect=deselect)
+            failed = failing_tests(output)
+            if code == -1:
+                result.status, result.killer = "killed", f"timeout after {timeout:.0f} s (a hang)"
+            elif code == 0:
+                result.status = "survived"
+            elif code == 1 and failed:
+                result.status, result.killer = "killed", failed[0]
+            elif code == 5:
+                result.killer = "no test collected (check the test selection)"
+            else:
+                tail = " | ".join(output.strip().splitlines()[-3:])
+                result.killer = f"pytest exit {code} ({failed[0] if failed else tail})"
+            if keep and result.status != "killed":
+                (ROOT.parent / f"mutant-{mutant.name}.log").write_text(output)
+    result.seconds = round(time.monotonic() - start, 1)
+    return result
+
+
+def baseline_failures(files: list[str], mutants: list[Mutant], all_tests: bool, timeout: float) -> list[str] | None:
+    """Tests of the selections that fail on the unmutated copy (None: the baseline could not run)."""
+    tests = sorted({t for m in mutants for t in test_selection(m, all_tests)})
+    with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as tmp:
+        copy_tree(ROOT, files, Path(tmp))
+        code, output = run_pytest(Path(tmp), tests, timeout * 2, stop_first=False, deselect=[])
+    if code in (0, 1):
+        return failing_tests(output)
+    print(output[-3000:], file=sys.stderr)
+    return None
+
+
+def print_table(results: list[Result]) -> None:
+    rows = [("mutant", "file", "result", "killing test / reason", "s")]
+    rows += [(r.name, r.file, r.status, r.killer, f"{r.seconds:.0f}") for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="check only these mutants")
+    parser.add_argument("--ci", action="store_true", help="check only the fixed CI subset")
+    parser.add_argument("--list", action="store_true", help="list the mutants and their tests, then exit")
+    parser.add_argument("--all-tests", action="store_true", help=f"run the whole suite -m '{FAST_MARKERS}'")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants checked in parallel (default 1)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant before it counts as a hang")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the run of the selections on unmutated code")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--keep-logs", action="store_true", help="write pytest's output of unkilled mutants next to")
+    return parser.parse_args(argv)
+
+
+def select(args: argparse.Namespace, mutants: tuple[Mutant, ...] = MUTANTS) -> list[Mutant]:
+    chosen = [m for m in mutants if m.ci] if args.ci else list(mutants)
+    if args.only:
+        unknown = sorted(set(args.only) - {m.name for m in mutants})
+        if unknown:
+            raise SystemExit(f"unknown mutant(s): {', '.join(unknown)} (see --list)")
+        chosen = [m for m in chosen if m.name in args.only]
+    return chosen
+
+
+def main(argv: list[str] | None = None, mutants: tuple[Mutant, ...] = MUTANTS) -> int:
+    args = parse_args(argv)
+    chosen = select(args, mutants)
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}{'  [ci]' if m.ci else ''}\n  {m.file}: {m.pattern!r} -> {m.replacement!r}")
+            print("  tests: " + " ".join(m.tests))
+        return 0
+    files = repository_files(ROOT)
+    deselect: list[str] = []
+    if not args.no_baseline:
+        failures = baseline_failures(files, chosen, args.all_tests, args.timeout)
+        if failures is None:
+            print("baseline: the selected tests do not run on the unmutated copy", file=sys.stderr)
+            return 2
+        if failures:
+            print(f"baseline: {len(failures)} test(s) fail without any mutant, left out: {' '.join(failures)}")
+            deselect = failures
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [
+            pool.submit(check_mutant, m, files, args.all_tests, args.timeout, deselect, args.keep_logs) for m in chosen
+        ]
+        results = []
+        for future in futures:
+            results.append(future.result())
+            r = results[-1]
+            print(f"{r.status:8s} {r.name} ({r.seconds:.0f} s) {r.killer}", flush=True)
+    print()
+    print_table(results)
+    counts = {s: sum(r.status == s for r in results) for s in ("killed", "survived", "error")}
+    summary = {**counts, "baseline_failures": deselect, "results": [asdict(r) for r in results]}
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+    return 0 if counts["killed"] == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
