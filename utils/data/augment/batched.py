@@ -1,118 +1,52 @@
-"""DINO's multi-crop augmentation on a whole batch of images at once (uint8 tensors, any device).
+"""DINO's multi-crop augmentation on a whole batch of uint8 images at once, on any device.
 
-:class:`BatchedMultiCrop` produces what :class:`utils.data.augment.per_image.DataAugmentationDINO` produces for each image — 2 global
-crops and ``n`` local crops, each float ``[3, S, S]`` normalised with ImageNet's mean and std — but for a batch
-``[B, 3, H, W]`` of decoded uint8 images in one go, every sample with its own random parameters drawn from the same
-distributions as the per-image pipeline. Nothing loops over samples: the only Python loops run over the ``2 + n``
-views and over the 4 colour-jitter slots. Random parameters are drawn by a separate function
-(:func:`sample_params` in ``utils/data/augment/params.py``, one dict of tensors per view) from a :class:`torch.Generator`
-or an integer seed, so that a batch is a pure function of (images, seed) and tests can fix parameters;
-:func:`apply_view` applies them.
+:class:`BatchedMultiCrop` is the batched counterpart of :class:`utils.data.augment.per_image.DataAugmentationDINO`:
+``module(images, seed)`` maps uint8 ``[B, 3, H, W]`` to ``2 + n`` float32 views ``[B, 3, S, S]``, every sample with
+its own parameters drawn from the per-image recipe's distributions (:func:`sample_params`,
+``utils/data/augment/params.py``; the output is a pure function of images and seed). Per view, in DINO's order:
+RandomResizedCrop (torchvision's sampling rule, PIL's bicubic or bilinear resampling with antialiasing, as two 1-D
+per-sample matrix products, each pass clipped to [0, 1] for bicubic) with the horizontal flip folded in; colour jitter
+(per-sample factors and order, ``utils/data/augment/color.py``); grayscale; Gaussian blur (torchvision's
+``gaussian_blur``: ``2 ceil(3 sigma) + 1`` taps, reflect padding); solarisation at 128/255; ImageNet normalisation.
+For fixed parameters each sample equals torchvision's functional ops applied to it alone, to float rounding
+(``tests/data/test_batched_augment.py``); unlike PIL, intermediate results are not rounded to uint8.
 
-Per view, in DINO's order (the per-image pipeline's, see ``utils/data/augment/per_image.py``):
+Two paths compute the same thing: the tensor path (any device; :func:`apply_view` sorts the samples by
+:func:`processing_order` so that every operation works on contiguous slices, and sends all of a view's host-made
+operands to the device in one copy, :mod:`utils.data.augment.transfer`) and, on a CPU with Numba, the compiled
+kernels of ``utils/data/augment/kernels.py`` from the resize's height pass on. On a CPU the batch is processed in
+chunks of :data:`CPU_CHUNK_PIXELS` output pixels with reused working tensors (:class:`Workspace`).
 
-1. **RandomResizedCrop** with torchvision's sampling rule (area fraction uniform in ``scale``, log-uniform aspect
-   ratio in [3/4, 4/3], 10 tries, then the centre-crop fallback), vectorised over the batch, and the **horizontal
-   flip** (p 0.5) folded into it. The crop + resize + flip of sample ``b`` is ``R_y[b] @ image[b] @ R_x[b]^T`` with
-   per-sample 1-D resampling matrices, two batched matrix products for the whole batch.
+Use (one call per batch)::
 
-   *Interpolation.* The matrices hold PIL's resampling weights (the official recipe resizes with PIL): source
-   pixels at ``(s + 0.5) * scale``, kernel support widened by the shrink factor when shrinking (antialiasing), taps
-   outside the crop dropped and the remaining weights renormalised; width pass first, then height. With
-   ``interpolation="bicubic"`` (the default: PIL's bicubic, ``a = -0.5``) each pass is clipped to [0, 1] as PIL
-   clips it; the result equals PIL's ``crop(...).resize(..., BICUBIC)`` up to PIL's rounding to uint8 (measured:
-   within 1.1 / 255, 0.3 / 255 on average), and equals torchvision's tensor ``resize(..., BICUBIC,
-   antialias=True)`` (``interpolate(mode="bicubic", antialias=True)``, PIL's kernel too) applied one axis at a time
-   with the same clipping, to float rounding (~1e-6). Without the intermediate clip (a single 2-D torchvision
-   resize) bicubic overshoots at sharp edges make up to ~7 / 255 of difference with PIL. ``"bilinear"`` uses the
-   triangle kernel: equal to PIL's BILINEAR up to rounding and to torchvision's tensor ``resized_crop(...,
-   BILINEAR, antialias=True)`` to float rounding (plain bilinear when enlarging). ``roi_align`` and ``grid_sample``
-   were the alternatives considered: both are bilinear only (``grid_sample``'s bicubic uses ``a = -0.75`` and no
-   antialiasing), neither antialiases when shrinking, and both blend pixels just outside the crop box into its
-   border rows (torchvision and PIL crop first, then resize), up to 0.57 of the value range off on noise images;
-   measured on one (shared) CPU core, 32 crops of 64 px images to 128 px, interleaved: matrix products 281 µs per
-   crop bicubic (235 bilinear) vs ``roi_align`` 441, ``grid_sample`` 387 bilinear / 704 bicubic — exactness costs
-   nothing.
-   The matrices are dense over the source image (``S x H`` and ``S x W`` per sample): about 4.7 M multiply-adds
-   per 128 px view of a 64 px image, at the speed of large matrix products. A banded variant (blocks of 32 output
-   rows times the ~20 source rows they read, a third of the arithmetic) was measured no faster at these sizes (its
-   many small matrix products run far slower); the compiled CPU kernels (below) do the height pass banded, one
-   loop over each output row's nonzero weights, which is faster. For large sources (>= 256 px) a banded / gather
-   resampler would win on other devices too.
-
-2. **Colour jitter** with p 0.8 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1), the four operations in a
-   random order per sample like torchvision's ``ColorJitter`` (a uniformly random permutation). Exact and
-   vectorised in 4 passes: in pass ``k`` every sample applies the operation that is ``k``-th in its own order.
-   Brightness, contrast and saturation are blends ``clamp(f * x + (1 - f) * target)`` (target 0, the mean grey
-   level, the grey image), computed as ``clamp(f x + t)`` with one per-sample product and sum over the channels
-   (``utils/data/augment/color.py``). Hue is computed only for the samples whose turn it is, RGB → HSV → RGB with
-   torchvision's tensor formulas rewritten without branches (:func:`shift_hue`). The grey level is
-   ``0.2989 R + 0.587 G + 0.114 B`` as in torchvision's tensor ops (PIL: 0.299 / 0.587 / 0.114 in integer
-   arithmetic; PIL's hue shift is also quantised to 1/255 of a turn and its results rounded to uint8 after every
-   operation).
-3. **Grayscale** with p 0.2 (the same grey level, on the 3 channels).
-4. **Gaussian blur** with per-sample sigma uniform in [0.1, 2.0], with p 1.0 on the first global view, 0.1 on the
-   second and 0.5 on the local views; only the blurred samples are computed. The per-image pipeline uses PIL's
-   ``GaussianBlur(radius)``, whose ``radius`` is the standard deviation: PIL approximates the Gaussian by three
-   successive box blurs whose total variance is ``radius ** 2``, replicating the edge pixels. Here: a true Gaussian
-   of that sigma truncated at ±3 sigma, ``kernel_size = 2 * ceil(3 * sigma) + 1`` taps (3 to 13), reflect padding —
-   exactly torchvision's ``gaussian_blur(x, kernel_size, sigma)`` — as a separable per-sample convolution: the
-   samples sorted by kernel radius, grouped convolutions (a group per sample and channel) along each axis.
-5. **Solarisation** with p 0.2 on the second global view only: values ``>= 128 / 255`` become ``1 - x`` (PIL's
-   ``solarize`` at threshold 128).
-6. **ImageNet normalisation.**
-
-Everything runs in float32 on the images' device; parameters are drawn on the generator's device (the CPU for an
-integer seed), so a seed gives the same parameters on every device, and the masks that pick samples are read there
-(no accelerator synchronisation). For fixed parameters every sample equals torchvision's functional ops applied to
-it one by one (to ~1e-6; ``tests/data/test_batched_augment.py``). Unlike the PIL pipeline, intermediate results are not
-rounded to uint8 after each operation.
-
-*Order of work.* :func:`apply_view` first sorts the samples (images and parameters alike, a cheap copy of the uint8
-sources) by :func:`processing_order`: jittered samples grouped by the pass of their hue turn, and within each group
-the blurred ones by kernel radius. Every jitter pass then touches one contiguous run of hue samples and at most
-two runs of blended ones, the blur a few runs of near-equal radius, all as slices (views) of the batch, while the
-samples left alone are not touched; the last step writes each sample back to its place (one gather into the
-output) before normalising.
-
-*Compiled CPU kernels.* On a CPU, by default (when Numba is installed), everything after the resize's width pass —
-its height pass (only the nonzero weights of each output row: 4 source rows when enlarging, not all of them) and
-steps 2 to 6 — runs as one compiled loop over the samples (``utils/data/augment/kernels.py``): each sample's pixels stay
-in the cache from the height pass to the normalised output, each sample applies its own jitter order, and no
-sorting or gathering is needed. Same formulas in float32, same results to float rounding (tests run both paths
-against torchvision); about 2.7x the tensor path's images/s for the whole pipeline (``benchmarks/bench_augment.py``).
-``compiled=False`` (and every other device) uses the tensor operations described here.
-
-*CPU speed (tensor path).* On a CPU each view is processed in chunks of :data:`CPU_CHUNK_PIXELS` output pixels
-(64 global crops) whose working tensors are kept in a :class:`Workspace` (``utils/data/augment/workspace.py``) between
-chunks and calls, because fresh multi-megabyte tensors cost page faults comparable to the arithmetic (see also
-``utils/runtime/host_memory.py``); per-channel operations use scalars, per-sample factors are applied as in-place products
-(a fused ``addcmul`` with per-sample operands is several times slower), and the hue avoids ``torch.where`` and
-channel reductions — both an order of magnitude slower than plain arithmetic in PyTorch's CPU kernels. The
-per-chunk plan (which samples each pass touches) is made on the host with NumPy. See
-``benchmarks/bench_augment.py`` for the comparison with the per-image pipeline.
-
-Use (training loop, one call per batch; see also ``benchmarks/bench_augment.py``)::
-
-    augment = BatchedMultiCrop(global_crops_scale, local_crops_scale, local_crops_number, 128, 64)
-    images = cache[indices].to(device, non_blocking=True)          # uint8 [B, 3, 64, 64], decoded once
+    augment = BatchedMultiCrop(MultiCropConfig.from_args(args))
     crops = augment(images, sample_seed(seed, epoch, rank, step))  # list of 2 + n float [B, 3, S, S]
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from utils.data.augment import kernels as augment_kernels
-from utils.data.augment.per_image import IMAGENET_MEAN, IMAGENET_STD
+from utils.data.augment.color import (
+    _grayscale_at,
+    color_jitter,
+    grayscale,
+    plan_color_jitter,
+    run_color_jitter,
+    shift_hue,
+)
 from utils.data.augment.params import JITTER_OPS, GeneratorLike, as_generator, sample_crop_boxes, sample_params
+from utils.data.augment.per_image import IMAGENET_MEAN, IMAGENET_STD
+from utils.data.augment.transfer import DevicePack, HostPack, Slot, to_device
 from utils.data.augment.workspace import Workspace, contiguous_runs, sample_indices, scratch
-from utils.data.augment.color import color_jitter, grayscale, shift_hue
 
 __all__ = [
     "BatchedMultiCrop",
@@ -137,12 +71,10 @@ __all__ = [
 
 SOLARIZE_THRESHOLD = 128 / 255
 INTERPOLATIONS = ("bicubic", "bilinear")
-#: Output pixels of one view processed together on a CPU (64 global crops of 128 px, 256 local crops of 64 px): large
-#: enough that the per-operation cost of the few hundred tensor operations of a chunk is small, small enough for
-#: the working tensors to stay in the last-level cache (measured: 4x this is no faster, a quarter 10-30% slower).
-#: Other devices: the whole batch at once.
+#: Output pixels of one view processed together on a CPU (64 global crops of 128 px, 256 local crops of 64 px): the
+#: working tensors of a chunk stay in the last-level cache. Other devices: the whole batch at once.
 CPU_CHUNK_PIXELS = 64 * 128 * 128
-#: Padded input of one blur convolution on a CPU (samples at a time): measured fastest around the L2 cache size.
+#: Padded input of one blur convolution on a CPU (samples at a time): about the L2 cache size.
 CONV_CHUNK_BYTES = 1 << 20
 
 
@@ -176,7 +108,7 @@ def _weight_table(n: int, size: int, interpolation: str, device: torch.device) -
     weights = kernel((j + 0.5 - centre) / filter_scale) * (j < length)  # zero beyond the kernel's support
     total = weights.sum(dim=-1, keepdim=True)
     weights = torch.where(total != 0, weights / torch.where(total != 0, total, 1.0), 0.0)
-    return torch.stack([weights, weights.flip(1)]).to(device=device, dtype=torch.float32)
+    return to_device(torch.stack([weights, weights.flip(1)]).float(), device)
 
 
 def resampling_matrices(
@@ -203,9 +135,10 @@ def resize_width(
     float32 ``[B, S, H]`` (per-sample height resampling matrices, see :func:`resampling_matrices`)."""
     batch, channels, height, width = images.shape
     device = images.device
-    crop = crop.to(device)
+    crop = crop if crop.device == device else to_device(crop, device)
+    flip = flip if flip.device == device else to_device(flip, device)
     rows = resampling_matrices(crop[:, 0], crop[:, 2], None, height, size, interpolation)  # [B, S, H]
-    cols = resampling_matrices(crop[:, 1], crop[:, 3], flip.to(device), width, size, interpolation)  # [B, S, W]
+    cols = resampling_matrices(crop[:, 1], crop[:, 3], flip, width, size, interpolation)  # [B, S, W]
     if images.dtype == torch.uint8:
         cols = cols.mul_(1 / 255)
     # one product per sample, [H C, W] @ [W, S], on the source laid out row by row (h, c, w), so that the height
@@ -262,6 +195,61 @@ def blur_radius(sigma: Tensor, max_radius: int) -> Tensor:
     return torch.clamp((blur_kernel_size(sigma) - 1) // 2, max=max_radius)
 
 
+@dataclass(frozen=True)
+class BlurRun:
+    """One convolution of a blur plan: samples ``[start, stop)`` with kernels of radius ``radius`` (slot of the
+    ``[(stop - start) * C, 2 * radius + 1]`` taps, one kernel per sample and channel)."""
+
+    start: int
+    stop: int
+    radius: int
+    kernel: Slot
+
+
+def plan_gaussian_blur(
+    pack: HostPack,
+    sigma: np.ndarray,
+    height: int,
+    width: int,
+    channels: int,
+    dtype: torch.dtype,
+    max_samples: int | None = None,
+    offset: int = 0,
+) -> list[BlurRun]:
+    """The convolutions of :func:`gaussian_blur` for host standard deviations ``sigma`` ``[n]`` of samples
+    ``offset ..``: runs of at most ``max_samples`` samples, their kernels (``dtype``) queued in ``pack``."""
+    sigma = torch.from_numpy(np.asarray(sigma)).to(torch.float64)
+    radius = blur_radius(sigma, min(height, width) - 1).numpy()
+    step = max_samples or max(len(sigma), 1)
+    runs = []
+    for start in range(0, len(sigma), step):
+        part = slice(start, start + step)
+        r = int(radius[part].max())
+        taps = torch.arange(-r, r + 1, dtype=torch.float64)
+        kernel = torch.exp(-0.5 * (taps[None, :] / sigma[part, None]) ** 2)
+        kernel = kernel * (taps.abs() <= torch.from_numpy(radius[part])[:, None])
+        kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(dtype)
+        kernel = kernel.repeat_interleave(channels, dim=0)  # one kernel per (sample, channel) group
+        runs.append(BlurRun(offset + start, offset + min(start + step, len(sigma)), r, pack.add(kernel)))
+    return runs
+
+
+def run_gaussian_blur(x: Tensor, runs: list[BlurRun], operands: DevicePack, out: Tensor | None = None) -> Tensor:
+    """Apply the convolutions of :func:`plan_gaussian_blur` to ``x`` ``[B, C, H, W]`` (into ``out``, which may be
+    ``x``; samples outside the runs are not written)."""
+    batch, channels, height, width = x.shape
+    out = torch.empty_like(x) if out is None else out
+    for run in runs:
+        part, r = slice(run.start, run.stop), run.radius
+        groups = (run.stop - run.start) * channels
+        kernel = operands[run.kernel]
+        padded = F.pad(x[part], (r, r, r, r), mode="reflect").view(1, groups, height + 2 * r, width + 2 * r)
+        blurred = F.conv2d(padded, kernel.view(groups, 1, 1, -1), groups=groups)
+        blurred = F.conv2d(blurred, kernel.view(groups, 1, -1, 1), groups=groups)
+        out[part] = blurred.view(run.stop - run.start, channels, height, width)
+    return out
+
+
 def gaussian_blur(x: Tensor, sigma: Tensor, out: Tensor | None = None, max_samples: int | None = None) -> Tensor:
     """Per-sample Gaussian blur of ``x`` float ``[B, C, H, W]``: sample ``b`` convolved with the normalised
     Gaussian of standard deviation ``sigma[b]`` truncated to :func:`blur_kernel_size` taps (radius at most
@@ -270,52 +258,54 @@ def gaussian_blur(x: Tensor, sigma: Tensor, out: Tensor | None = None, max_sampl
     Separable: one reflect pad and one grouped convolution (a group per sample and channel) along each axis, per
     run of at most ``max_samples`` consecutive samples (all at once by default), with the largest kernel radius of
     the run (zero taps beyond each sample's own radius): sort the samples by radius for the fewest zero taps, as
-    :func:`blur` does. ``out`` may be ``x`` (each run is padded, i.e. copied, before its result is written).
-    ``sigma`` may live on the CPU (no synchronisation then).
+    :func:`blur` does. ``out`` may be ``x`` (each run is padded, i.e. copied, before its result is written). The
+    kernels are made on the host from ``sigma`` and sent to ``x``'s device in one copy.
     """
     batch, channels, height, width = x.shape
-    out = torch.empty_like(x) if out is None else out
-    sigma = sigma.detach().to("cpu", torch.float64)
-    radius = blur_radius(sigma, min(height, width) - 1)
-    step = max_samples or max(batch, 1)
-    for start in range(0, batch, step):
-        part = slice(start, start + step)
-        count, r = len(radius[part]), int(radius[part].max())
-        taps = torch.arange(-r, r + 1, dtype=torch.float64)
-        kernel = torch.exp(-0.5 * (taps[None, :] / sigma[part, None]) ** 2) * (taps.abs() <= radius[part, None])
-        kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(x.device, x.dtype)
-        kernel = kernel.repeat_interleave(channels, dim=0)  # one kernel per (sample, channel) group
-        groups = count * channels
-        padded = F.pad(x[part], (r, r, r, r), mode="reflect").view(1, groups, height + 2 * r, width + 2 * r)
-        blurred = F.conv2d(padded, kernel.view(groups, 1, 1, -1), groups=groups)
-        blurred = F.conv2d(blurred, kernel.view(groups, 1, -1, 1), groups=groups)
-        out[part] = blurred.view(count, channels, height, width)
-    return out
+    pack = HostPack()
+    runs = plan_gaussian_blur(pack, sigma.detach().cpu().numpy(), height, width, channels, x.dtype, max_samples)
+    return run_gaussian_blur(x, runs, pack.send(x.device), out)
+
+
+def _conv_chunk(x_shape: tuple[int, ...], element_size: int, device: torch.device) -> int | None:
+    """Samples per blur convolution: on a CPU, ~:data:`CONV_CHUNK_BYTES` of padded input (cache-resident);
+    elsewhere all at once."""
+    if torch.device(device).type != "cpu":
+        return None
+    padded_bytes = x_shape[1] * (x_shape[2] + 12) * (x_shape[3] + 12) * element_size
+    return max(1, CONV_CHUNK_BYTES // padded_bytes)
+
+
+def plan_blur(
+    pack: HostPack, apply: np.ndarray, sigma: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype, device
+) -> list[BlurRun]:
+    """The convolutions of :func:`blur` for host parameters (``apply`` bool ``[B]``, ``sigma`` ``[B]``) and
+    images of ``shape`` on ``device``: one :func:`plan_gaussian_blur` per contiguous run of blurred samples."""
+    max_samples = _conv_chunk(shape, dtype.itemsize, device)
+    runs = []
+    for start, stop in contiguous_runs(apply):
+        runs += plan_gaussian_blur(pack, sigma[start:stop], *shape[2:], shape[1], dtype, max_samples, offset=start)
+    return runs
 
 
 def blur(x: Tensor, apply: Tensor, sigma: Tensor) -> Tensor:
     """Gaussian-blur the images where ``apply[b]`` with standard deviation ``sigma[b]`` (in place), one
     :func:`gaussian_blur` per contiguous run of blurred samples: fastest when the samples are sorted by kernel radius
     within each run (:func:`processing_order`)."""
-    apply = apply.cpu().numpy()
-    if not apply.any():
-        return x
-    # on a CPU, convolutions over ~1 MB of padded input at a time run fastest (cache-resident)
-    padded_bytes = x.shape[1] * (x.shape[2] + 12) * (x.shape[3] + 12) * x.element_size()
-    max_samples = max(1, CONV_CHUNK_BYTES // padded_bytes) if x.device.type == "cpu" else None
-    for start, stop in contiguous_runs(apply):
-        part = x[start:stop]
-        gaussian_blur(part, sigma[start:stop], out=part, max_samples=max_samples)
-    return x
+    pack = HostPack()
+    runs = plan_blur(pack, apply.cpu().numpy(), sigma.detach().cpu().numpy(), tuple(x.shape), x.dtype, x.device)
+    return run_gaussian_blur(x, runs, pack.send(x.device), out=x) if runs else x
+
+
+def _solarize_at(x: Tensor, index: Tensor, threshold: float = SOLARIZE_THRESHOLD) -> Tensor:
+    part = x.index_select(0, index)
+    return x.index_copy_(0, index, torch.where(part >= threshold, 1 - part, part))
 
 
 def solarize(x: Tensor, apply: Tensor, threshold: float = SOLARIZE_THRESHOLD) -> Tensor:
     """Where ``apply[b]``, invert the values ``>= threshold`` (``1 - x``; in place)."""
-    if bool(apply.any()):
-        index = sample_indices(apply, x.device)
-        part = x.index_select(0, index)
-        x.index_copy_(0, index, torch.where(part >= threshold, 1 - part, part))
-    return x
+    mask = apply.cpu().numpy()
+    return _solarize_at(x, sample_indices(mask, x.device), threshold) if mask.any() else x
 
 
 def normalize(
@@ -329,17 +319,26 @@ def normalize(
     return out
 
 
+def _processing_order(params: dict[str, np.ndarray], size: int) -> np.ndarray:
+    hue_pass = (params["jitter_order"] == JITTER_OPS.index("hue")).astype(np.int8).argmax(axis=1)
+    group = np.where(params["jitter"], hue_pass, 4)
+    radius = blur_radius(torch.from_numpy(params["sigma"]), size - 1).numpy()
+    return np.argsort(group * 16 + np.where(params["blur"], radius, 8), kind="stable")
+
+
 def processing_order(params: dict[str, Tensor], size: int) -> Tensor:
     """A permutation of the samples of one view (parameters of :func:`sample_params`, output ``size`` px) under
     which :func:`color_jitter` and :func:`blur` do the least work: the jittered samples first, grouped by the pass
     in which their hue turn comes, the others last; within each group the blurred samples first, by kernel radius.
     Then in every jitter pass the samples whose turn is hue form one contiguous run and those blended at most two,
     the blurred samples form at most five runs of near-equal radius, and every operation works on slices (views)
-    of the batch instead of gathered copies."""
-    hue_pass = (params["jitter_order"] == JITTER_OPS.index("hue")).to(torch.int8).argmax(dim=1)
-    group = torch.where(params["jitter"], hue_pass, 4)
-    radius = blur_radius(params["sigma"], size - 1)
-    return torch.argsort(group * 16 + torch.where(params["blur"], radius, 8), stable=True)
+    of the batch instead of gathered copies. Computed on the host (int64 ``[B]`` on the CPU)."""
+    host = {key: params[key].detach().cpu().numpy() for key in ("jitter", "jitter_order", "sigma", "blur")}
+    return torch.from_numpy(_processing_order(host, size))
+
+
+def _index_slot(pack: HostPack, mask: np.ndarray) -> Slot | None:
+    return pack.add(np.flatnonzero(mask).astype(np.int64)) if mask.any() else None
 
 
 def apply_view(
@@ -356,29 +355,49 @@ def apply_view(
     float32 ``[B, 3, size, size]`` on the same device (written into ``out`` when given; ``ws`` holds the working
     tensors, see :class:`Workspace`). ``compiled``: on a CPU, do everything after the resize's width pass with the
     compiled kernels of ``utils/data/augment/kernels.py`` (``None``: when Numba is installed; see
-    :func:`uses_compiled_kernels`) instead of tensor operations; same results to float rounding."""
+    :func:`uses_compiled_kernels`) instead of tensor operations; same results to float rounding.
+
+    Tensor path: the parameters are read on the host (they live there when drawn from an integer seed; otherwise
+    they are copied there once), every operand the device needs (sample order, crop boxes, colour factors, blur
+    kernels, sample indices) is packed into one host buffer and sent in one copy (:class:`HostPack`), and no value
+    is read back from the device."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected RGB images [B, 3, H, W], got shape {tuple(images.shape)}")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     if uses_compiled_kernels(images.device, compiled):
         return _apply_view_compiled(images, params, size, interpolation, out, ws)
+    device, batch = images.device, images.shape[0]
+    host = {key: value.detach().cpu().numpy() for key, value in params.items()}
     # work in the order that suits the colour jitter and the blur (images and parameters permuted alike), and put
     # the samples back in their places when writing the result
-    perm = processing_order(params, size)
-    sorted_already = bool((perm == torch.arange(len(perm), device=perm.device)).all())
+    perm = _processing_order(host, size)
+    sorted_already = bool((perm == np.arange(batch)).all())
+    pack = HostPack()
     if not sorted_already:
-        params = {key: value[perm] for key, value in params.items()}
-        images = images.index_select(0, perm.to(images.device))
-    x = resized_crop(images, params["crop"], params["flip"], size, interpolation, ws=ws)
-    x = color_jitter(x, params["jitter"], params["jitter_factors"], params["jitter_order"], ws=ws)
-    x = grayscale(x, params["grayscale"], ws=ws)
-    x = blur(x, params["blur"], params["sigma"])
-    x = solarize(x, params["solarize"])
+        host = {key: value[perm] for key, value in host.items()}
+        perm_slot, inverse_slot = pack.add(perm.astype(np.int64)), pack.add(np.argsort(perm).astype(np.int64))
+    crop_slot, flip_slot = pack.add(host["crop"].astype(np.int64)), pack.add(host["flip"])
+    jitter = plan_color_jitter(pack, host["jitter"], host["jitter_factors"], host["jitter_order"], torch.float32)
+    gray_slot = _index_slot(pack, host["grayscale"])
+    blur_runs = plan_blur(pack, host["blur"], host["sigma"], (batch, 3, size, size), torch.float32, device)
+    solarize_slot = _index_slot(pack, host["solarize"])
+    operands = pack.send(device)
+
+    if not sorted_already:
+        images = images.index_select(0, operands[perm_slot])
+    x = resized_crop(images, operands[crop_slot], operands[flip_slot], size, interpolation, ws=ws)
+    x = run_color_jitter(x, jitter, operands, ws=ws)
+    if gray_slot is not None:
+        _grayscale_at(x, operands[gray_slot], ws=ws)
+    if blur_runs:
+        run_gaussian_blur(x, blur_runs, operands, out=x)
+    if solarize_slot is not None:
+        _solarize_at(x, operands[solarize_slot])
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if not sorted_already:
-        x = torch.index_select(x, 0, torch.argsort(perm).to(x.device), out=out)
+        x = torch.index_select(x, 0, operands[inverse_slot], out=out)
     return normalize(x, out=out)
 
 
@@ -416,8 +435,8 @@ def _apply_view_compiled(
 class BatchedMultiCrop(nn.Module):
     """DINO multi-crop of a whole batch: ``module(images, seed)`` → list of ``2 + local_crops_number`` float tensors
     ``[B, 3, S, S]`` (``global_crop_size`` for the first two, ``local_crop_size`` for the rest), the batched
-    counterpart of :class:`utils.data.augment.per_image.DataAugmentationDINO` (same arguments, same distributions; see the module
-    docstring for the few numerical differences). ``images``: uint8 ``[B, 3, H, W]`` on any device.
+    counterpart of :class:`utils.data.augment.per_image.DataAugmentationDINO` (same settings, same distributions;
+    see the module docstring for the numerical differences). ``images``: uint8 ``[B, 3, H, W]`` on any device.
     ``generator``: a :class:`torch.Generator` or an integer seed for the whole batch (e.g.
     ``utils.runtime.rng.sample_seed(seed, epoch, rank, step)``); the output is a pure function of the images
     and the seed (and of the generator's state for a generator).
@@ -428,8 +447,7 @@ class BatchedMultiCrop(nn.Module):
     (a :class:`Workspace`, about 40 MB at the default sizes; one module per thread then). ``compiled``: on a CPU,
     finish each view (height pass of the resize to normalisation) with the compiled kernels of
     ``utils/data/augment/kernels.py``
-    (default ``None``: when Numba is installed; ``False``: tensor operations only); same results to float rounding,
-    about 2.7x as fast (``benchmarks/bench_augment.py``).
+    (default ``None``: when Numba is installed; ``False``: tensor operations only); same results to float rounding.
     """
 
     def __init__(

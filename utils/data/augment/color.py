@@ -4,22 +4,32 @@ random grayscale (:func:`grayscale`), on float ``[B, 3, H, W]`` batches in [0, 1
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from utils.data.augment.transfer import DevicePack, HostPack, Slot, to_device
 from utils.data.augment.workspace import Workspace, contiguous_runs, sample_indices, scratch
 
-__all__ = ["GRAY_WEIGHTS", "color_jitter", "grayscale", "shift_hue"]
+__all__ = [
+    "GRAY_WEIGHTS",
+    "JitterRun",
+    "color_jitter",
+    "grayscale",
+    "plan_color_jitter",
+    "run_color_jitter",
+    "shift_hue",
+]
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 
 @lru_cache(maxsize=8)
 def _gray_weights(dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.tensor(GRAY_WEIGHTS, dtype=dtype, device=device)
+    return to_device(torch.tensor(GRAY_WEIGHTS, dtype=dtype), device)
 
 
 def _gray(x: Tensor, out: Tensor | None = None) -> Tensor:
@@ -33,9 +43,8 @@ def shift_hue(x: Tensor, shift: Tensor, out: Tensor | None = None, ws: Workspace
     torchvision's tensor ``adjust_hue`` (RGB → HSV, ``h = (h + shift) mod 1``, HSV → RGB; ties between maximal
     channels resolved red, then green, as there). ``out`` may be ``x`` (in place).
 
-    Written with arithmetic only — on CPUs ``torch.where``, comparisons and reductions over the channel axis are an
-    order of magnitude slower than ``+ - * / abs sign clamp floor`` — and channel by channel with scalar operands
-    (operands broadcast along the channel axis are slow too). Hue in sixths of a turn ``h``: ``(g - b) / C`` where
+    Written with arithmetic only (no ``torch.where``, comparisons or reductions over the channel axis: slow on
+    CPUs) and channel by channel with scalar operands. Hue in sixths of a turn ``h``: ``(g - b) / C`` where
     red is the maximum, ``2 + (b - r) / C`` where green is, ``4 + (r - g) / C`` where blue is (``C = max - min``,
     the chroma; 0 for greys). Back to RGB: each channel is ``min + C * pure(h)``, with the fully saturated colour of
     hue ``h`` ``pure = (|h - 3| - 1, 2 - |h - 2|, 2 - |h - 4|)`` clamped to [0, 1] (the six-sector HSV formula
@@ -59,8 +68,9 @@ def shift_hue(x: Tensor, shift: Tensor, out: Tensor | None = None, ws: Workspace
     hue.addcmul_(not_r, term, value=-1)
     hue.addcmul_(only_b, torch.add(excess, r, alpha=-3, out=term), value=-1)
     hue.div_(torch.clamp(chroma, min=torch.finfo(x.dtype).tiny, out=not_r))
-    hue.add_(shift.to(x.device, x.dtype).mul(6).view(batch, 1, 1))
-    hue.sub_(torch.mul(hue, 1 / 6, out=only_b).floor_(), alpha=6)  # mod 6 (torch.remainder is 4x slower)
+    shift = shift if shift.device == x.device else to_device(shift, x.device)
+    hue.add_(shift.to(x.dtype).mul(6).view(batch, 1, 1))
+    hue.sub_(torch.mul(hue, 1 / 6, out=only_b).floor_(), alpha=6)  # mod 6 (cheaper than torch.remainder on CPUs)
     out = torch.empty_like(x) if out is None else out
     for channel, (offset, slope, intercept) in enumerate(((3.0, 1.0, -1.0), (2.0, -1.0, 2.0), (4.0, -1.0, 2.0))):
         pure = torch.sub(hue, offset, out=term).abs_()
@@ -69,33 +79,82 @@ def shift_hue(x: Tensor, shift: Tensor, out: Tensor | None = None, ws: Workspace
     return out
 
 
-def _per_sample(values: np.ndarray, like: Tensor, dims: int = 3) -> Tensor:
-    """Host values ``[n]`` as a tensor ``[n, 1, ..., 1]`` (``dims`` ones) of ``like``'s dtype and device."""
-    return torch.from_numpy(values.astype(np.float32)).to(like.device, like.dtype).view(-1, *([1] * dims))
-
-
-def _blend(x: Tensor, op: np.ndarray, factor: np.ndarray, ws: Workspace | None) -> None:
-    """Brightness (``op`` 0), contrast (1) or saturation (2) of each sample of ``x`` ``[n, 3, H, W]`` (in place;
-    ``op``, ``factor`` host arrays ``[n]``): ``clamp(f x + (1 - f) target, 0, 1)``, target 0, the mean grey level
-    or the grey image, computed as ``clamp(f x + t)`` with ``t = a * grey + c`` per sample (``a = 1 - f`` for
-    saturation, ``c = (1 - f) mean`` for contrast, else 0): a product and a sum broadcast over the channels, plus
-    the grey image where some sample needs it. (A fused ``addcmul`` with two per-sample operands is several times
-    slower on CPUs.)"""
-    keep = 1 - factor
-    saturation, contrast = op == 2, op == 1
+def _blend(x: Tensor, factor: Tensor, contrast: Tensor | None, saturation: Tensor | None, ws: Workspace | None) -> None:
+    """Brightness, contrast or saturation of each sample of ``x`` ``[n, 3, H, W]`` (in place; per-sample operands
+    ``[n]`` on ``x``'s device): ``clamp(f x + (1 - f) target, 0, 1)``, target 0, the mean grey level or the grey
+    image, computed as ``clamp(f x + t)`` with ``t = a * grey + c * mean_grey`` per sample (``a = 1 - f`` where the
+    operation is saturation, ``c = 1 - f`` where it is contrast, else 0; ``contrast`` / ``saturation`` None when no
+    sample of the run needs them): a product and a sum broadcast over the channels, plus the grey image where some
+    sample needs it."""
     offset = target = None
-    if contrast.any():
+    if contrast is not None:
         mean_grey = x.flatten(2).mean(dim=2) @ _gray_weights(x.dtype, x.device)  # [n]
-        offset = _per_sample(keep * contrast, x, dims=0).mul_(mean_grey).view(-1, 1, 1, 1)
-    if saturation.any():
+        offset = contrast.mul(mean_grey).view(-1, 1, 1, 1)
+    if saturation is not None:
         grey = _gray(x, out=scratch(ws, "jitter_grey", (x.shape[0], *x.shape[2:]), x))
-        target = grey.mul_(_per_sample(keep * saturation, x, dims=2)).unsqueeze(1)
+        target = grey.mul_(saturation.view(-1, 1, 1)).unsqueeze(1)
         if offset is not None:
             target.add_(offset)
-    x.mul_(_per_sample(factor, x))
+    x.mul_(factor.view(-1, 1, 1, 1))
     if target is not None or offset is not None:
         x.add_(target if target is not None else offset)
     x.clamp_(0, 1)
+
+
+@dataclass(frozen=True)
+class JitterRun:
+    """One step of a colour-jitter plan: samples ``[start, stop)`` get a blend (``hue`` false; slots of ``factor``
+    and, where needed, of the contrast and saturation coefficients) or a hue shift (``hue`` true; ``factor`` holds
+    the shift in turns)."""
+
+    start: int
+    stop: int
+    hue: bool
+    factor: Slot
+    contrast: Slot | None = None
+    saturation: Slot | None = None
+
+
+def plan_color_jitter(
+    pack: HostPack, apply: np.ndarray, factors: np.ndarray, order: np.ndarray, dtype: torch.dtype
+) -> list[JitterRun]:
+    """The steps of :func:`color_jitter` for host parameters (``apply`` bool ``[B]``, ``factors`` ``[B, 4]``,
+    ``order`` int ``[B, 4]``), in execution order, their per-sample operands (``dtype``) queued in ``pack``."""
+    factors = factors.astype(np.float64)
+    rows = np.arange(len(order))
+    steps = []
+    for k in range(4):
+        op = order[:, k]
+        f = factors[rows, op]
+        for start, stop in contiguous_runs(apply & (op != 3)):
+            run_op, keep = op[start:stop], 1 - f[start:stop]
+            contrast, saturation = run_op == 1, run_op == 2
+            steps.append(
+                JitterRun(
+                    start,
+                    stop,
+                    False,
+                    pack.add(f[start:stop].astype(np.float32), dtype),
+                    pack.add((keep * contrast).astype(np.float32), dtype) if contrast.any() else None,
+                    pack.add((keep * saturation).astype(np.float32), dtype) if saturation.any() else None,
+                )
+            )
+        for start, stop in contiguous_runs(apply & (op == 3)):
+            steps.append(JitterRun(start, stop, True, pack.add(f[start:stop], dtype)))
+    return steps
+
+
+def run_color_jitter(x: Tensor, steps: list[JitterRun], operands: DevicePack, ws: Workspace | None = None) -> Tensor:
+    """Apply a plan of :func:`plan_color_jitter` to ``x`` (in place) with its operands on ``x``'s device."""
+    for step in steps:
+        part = x[step.start : step.stop]
+        if step.hue:
+            shift_hue(part, operands[step.factor], out=part, ws=ws)
+        else:
+            contrast = None if step.contrast is None else operands[step.contrast]
+            saturation = None if step.saturation is None else operands[step.saturation]
+            _blend(part, operands[step.factor], contrast, saturation, ws)
+    return x
 
 
 def color_jitter(x: Tensor, apply: Tensor, factors: Tensor, order: Tensor, ws: Workspace | None = None) -> Tensor:
@@ -106,28 +165,23 @@ def color_jitter(x: Tensor, apply: Tensor, factors: Tensor, order: Tensor, ws: W
     2 saturation, 3 hue): the blends ``clamp(f x + (1 - f) target)`` (target 0, the image's mean grey level, its
     grey image; :func:`_blend`) on the samples whose turn is a blend, :func:`shift_hue` on those whose turn is hue,
     each on contiguous runs of samples (slices). Correct in any sample order; fastest when the samples are sorted
-    by :func:`processing_order` (as :func:`apply_view` does), where every pass is one hue run and at most two
-    blend runs. The parameters are read on the host (they are small), and the plan made there.
+    by :func:`utils.data.augment.batched.processing_order`, where every pass is one hue run and at most two blend
+    runs. The parameters are read on the host, the plan made there and its operands sent to ``x``'s device in one
+    copy.
     """
-    apply, order = apply.cpu().numpy(), order.cpu().numpy()
-    factors = factors.cpu().numpy().astype(np.float64)
-    rows = np.arange(len(order))
-    for k in range(4):
-        op = order[:, k]
-        f = factors[rows, op]
-        for start, stop in contiguous_runs(apply & (op != 3)):
-            _blend(x[start:stop], op[start:stop], f[start:stop], ws)
-        for start, stop in contiguous_runs(apply & (op == 3)):
-            part = x[start:stop]
-            shift_hue(part, torch.from_numpy(f[start:stop]), out=part, ws=ws)
-    return x
+    pack = HostPack()
+    steps = plan_color_jitter(pack, apply.cpu().numpy(), factors.cpu().numpy(), order.cpu().numpy(), x.dtype)
+    return run_color_jitter(x, steps, pack.send(x.device), ws)
+
+
+def _grayscale_at(x: Tensor, index: Tensor, ws: Workspace | None = None) -> Tensor:
+    """Replace the images ``index`` (int64 on ``x``'s device) by their grey level on the 3 channels (in place)."""
+    part = torch.index_select(x, 0, index, out=scratch(ws, "gray_in", (len(index), *x.shape[1:]), x))
+    gray = _gray(part, out=scratch(ws, "gray", (len(index), *x.shape[2:]), x))
+    return x.index_copy_(0, index, gray.unsqueeze(1).expand_as(part))
 
 
 def grayscale(x: Tensor, apply: Tensor, ws: Workspace | None = None) -> Tensor:
     """Replace the images where ``apply[b]`` by their grey level on the 3 channels (in place)."""
-    if bool(apply.any()):
-        index = sample_indices(apply, x.device)
-        part = torch.index_select(x, 0, index, out=scratch(ws, "gray_in", (len(index), *x.shape[1:]), x))
-        gray = _gray(part, out=scratch(ws, "gray", (len(index), *x.shape[2:]), x))
-        x.index_copy_(0, index, gray.unsqueeze(1).expand_as(part))
-    return x
+    mask = apply.cpu().numpy()
+    return _grayscale_at(x, sample_indices(mask, x.device), ws) if mask.any() else x

@@ -1,8 +1,8 @@
 """Random parameters of DINO's multi-crop for a whole batch: one draw per sample and view, from one generator.
 
-Kept apart from the batched image operations (``utils/data/augment/batched.py``) so that a batch's parameters are a pure
-function of (batch size, image size, seed) that tests can draw, inspect and fix. The distributions are those of the
-per-image pipeline (``utils/data/augment/per_image.py``): torchvision's RandomResizedCrop rule, flip p 0.5, colour jitter p 0.8
+A batch's parameters are a pure function of (batch size, image size, seed) that tests can draw, inspect and fix;
+``utils/data/augment/batched.py`` applies them. The distributions are those of the per-image pipeline
+(``utils/data/augment/per_image.py``): torchvision's RandomResizedCrop rule, flip p 0.5, colour jitter p 0.8
 (0.4, 0.4, 0.2, 0.1) in a random order, grayscale p 0.2, Gaussian-blur sigma in [0.1, 2], solarisation.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -111,9 +112,9 @@ def sample_params(
         (-HUE, HUE),
     ]
     u = torch.rand((batch_size, 4), generator=g, device=g.device)
-    low = torch.tensor([r[0] for r in ranges], device=g.device)
-    high = torch.tensor([r[1] for r in ranges], device=g.device)
-    factors = low + u * (high - low)
+    # low + u * (high - low) in float32, column by column with scalars (no host tensor to move to the device)
+    bounds = [(np.float32(low), np.float32(np.float32(high) - np.float32(low))) for low, high in ranges]
+    factors = torch.stack([u[:, i] * float(span) + float(low) for i, (low, span) in enumerate(bounds)], dim=1)
     order = torch.rand((batch_size, 4), generator=g, device=g.device).argsort(dim=1)  # uniform permutations
     grayscale = _bernoulli(batch_size, GRAYSCALE_P, g)
     blur = _bernoulli(batch_size, blur_prob, g)

@@ -1,4 +1,5 @@
-"""Scratch memory and sample bookkeeping shared by the batched augmentation's operations (``utils/batched_*.py``)."""
+"""Scratch memory and sample bookkeeping shared by the batched augmentation's operations
+(``utils/data/augment/batched.py``, ``utils/data/augment/color.py``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 import numpy as np
 import torch
 from torch import Tensor
+
+from utils.data.augment.transfer import to_device
 
 __all__ = ["Workspace", "contiguous_runs", "sample_indices", "scratch"]
 
@@ -47,10 +50,11 @@ def scratch(ws: Workspace | None, name: str, shape: tuple[int, ...], like: Tenso
     return ws.get(name, shape, like.dtype, like.device)
 
 
-def sample_indices(mask: Tensor, device: torch.device) -> Tensor:
-    """Positions of the true entries of a parameter mask (found where the parameters live, usually the CPU, so
-    that an accelerator is not synchronised), on ``device``."""
-    return mask.nonzero()[:, 0].to(device)
+def sample_indices(mask: np.ndarray | Tensor, device: torch.device) -> Tensor:
+    """Positions (int64) of the true entries of a host parameter mask (found on the host, so that an accelerator
+    is not synchronised), on ``device``."""
+    mask = mask.cpu().numpy() if isinstance(mask, Tensor) else np.asarray(mask)
+    return to_device(torch.from_numpy(np.flatnonzero(mask).astype(np.int64)), device)
 
 
 def contiguous_runs(mask: np.ndarray) -> list[tuple[int, int]]:
