@@ -22,7 +22,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from utils.runtime.cli import UsageError, user_errors
+from utils.runtime.cli import user_errors
+from utils.runtime.errors import UsageError
 from utils.runtime.slurm import (
     REPO_ROOT,
     SCRIPTS,

@@ -3,9 +3,9 @@ import os
 import pytest
 import torch
 
-from utils.model.vit import ModelError, build_backbone
+from utils.model.vit import build_backbone
 from utils.model.weights import build_pretrained_backbone, load_backbone_weights
-from utils.runtime.checkpoint import CheckpointError
+from utils.runtime.errors import CheckpointError, ModelError
 
 
 @pytest.fixture(scope="module")

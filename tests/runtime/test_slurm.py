@@ -21,7 +21,7 @@ import pytest
 import run_with_submitit
 import utils.runtime.slurm
 from tests.conftest import ROOT, TINY_TRAIN_FLAGS
-from utils.runtime.cli import UsageError
+from utils.runtime.errors import UsageError
 from utils.runtime.slurm import SCRIPTS, failure_reason, script_parser, wait_for_job
 
 SLURM_DIR = ROOT / "tests" / "slurm"

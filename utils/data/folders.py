@@ -29,6 +29,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
+from utils.runtime.errors import DatasetError
+
 try:  # optional: nicer progress bars when tqdm happens to be installed; never a requirement
     from tqdm import tqdm as _tqdm
 except ImportError:  # pragma: no cover - depends on the environment
@@ -47,10 +49,6 @@ __all__ = [
     "build_image_dataset",
     "has_labels",
 ]
-
-
-class DatasetError(Exception):
-    """A user-side dataset problem. The message is one line that says what to do; scripts print it and exit."""
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils.data.folders import DatasetError
+from utils.runtime.errors import DatasetError
 
 __all__ = [
     "FORMAT_VERSION",

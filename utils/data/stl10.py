@@ -33,7 +33,8 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from utils.data.augment.per_image import normalize, to_rgb
-from utils.data.folders import DatasetError, download_url, make_progress
+from utils.data.folders import download_url, make_progress
+from utils.runtime.errors import DatasetError
 
 __all__ = [
     "STL10_URL",

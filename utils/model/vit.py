@@ -16,6 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from utils.model.weight_norm import weight_norm_linear
+from utils.runtime.errors import ModelError
 
 #: Short names, as in the official DINO code, for timm's ViTs; ``{p}`` is filled with ``--patch_size``.
 ARCH_ALIASES = {
@@ -24,10 +25,6 @@ ARCH_ALIASES = {
     "vit_base": "vit_base_patch{p}_224",
     "vit_large": "vit_large_patch{p}_224",
 }
-
-
-class ModelError(ValueError):
-    """A user mistake about the model (unknown architecture, weights that do not fit), with what to do about it."""
 
 
 class DINOBackboneMixin:

@@ -14,8 +14,9 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from utils.model.vit import ModelError, build_backbone
-from utils.runtime.checkpoint import CheckpointError, load_checkpoint
+from utils.model.vit import build_backbone
+from utils.runtime.checkpoint import load_checkpoint
+from utils.runtime.errors import CheckpointError, ModelError
 
 #: Prefixes that wrappers add in front of backbone keys (DDP, the multi-crop wrapper), stripped in this order.
 PREFIXES = ("module.", "backbone.")

@@ -16,14 +16,7 @@ from typing import Any
 
 import torch
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used (missing, truncated, unsafe, or without the expected keys)."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint that only full unpickling (which can run arbitrary code) would load."""
-
+from utils.runtime.errors import CheckpointError, UnsafeCheckpointError
 
 #: Plain containers that the official DINO checkpoints hold besides tensors, safe to rebuild without running code.
 SAFE_GLOBALS = [argparse.Namespace]

@@ -7,13 +7,9 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-from utils.data.folders import DatasetError
-from utils.model.vit import ModelError
-from utils.runtime.checkpoint import CheckpointError
+from utils.runtime.errors import UsageError, UserError
 
-
-class UsageError(ValueError):
-    """A flag value out of range or a combination of flags that cannot work."""
+__all__ = ["UsageError", "add_backbone_flags", "add_data_flags", "bool_flag", "user_errors"]
 
 
 def bool_flag(value: str) -> bool:
@@ -26,19 +22,13 @@ def bool_flag(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {value!r}")
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean the user must change something (not a bug): reported without a traceback."""
-    from utils.train.step import NonFiniteLossError
-
-    return (UsageError, DatasetError, ModelError, CheckpointError, NonFiniteLossError)
-
-
 @contextlib.contextmanager
 def user_errors(prog: str | None = None) -> Iterator[None]:
-    """Run a script's body; a user mistake becomes ``<prog>: error: <message>`` on stderr and exit status 2."""
+    """Run a script's body; a user mistake (a :class:`~utils.runtime.errors.UserError`) becomes
+    ``<prog>: error: <message>`` on stderr and exit status 2."""
     try:
         yield
-    except user_error_types() as exc:
+    except UserError as exc:
         name = prog or sys.argv[0].rsplit("/", 1)[-1]
         print(f"{name}: error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

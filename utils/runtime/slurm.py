@@ -27,8 +27,8 @@ from typing import Any
 import submitit
 from submitit.core.utils import DelayedSubmission, pickle_load
 
-from utils.runtime.cli import UsageError
 from utils.runtime.distributed import slurm_port
+from utils.runtime.errors import UsageError
 
 #: The scripts a job can run: module name -> the function (of the parsed flags) that is the script's whole body.
 SCRIPTS: dict[str, str] = {

@@ -24,7 +24,6 @@ from utils.eval.attention import attention_grid_for_tensorboard
 from utils.eval.knn_online import evaluate_knn
 from utils.model.vit import build_dino_models, count_parameters
 from utils.runtime.checkpoint import load_latest_checkpoint, restore_state, save_checkpoint
-from utils.runtime.cli import UsageError
 from utils.runtime.distributed import (
     DistributedContext,
     all_gather_objects,
@@ -33,6 +32,7 @@ from utils.runtime.distributed import (
     init_distributed_mode,
     is_main_process,
 )
+from utils.runtime.errors import UsageError
 from utils.runtime.host_memory import retain_freed_memory
 from utils.runtime.monitoring import TensorBoard, append_json_line, flags_as_markdown, format_duration, log
 from utils.runtime.rng import capture_rng_state, restore_rng_state, set_deterministic

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from utils.runtime.distributed import all_reduce_sum, get_world_size
+from utils.runtime.errors import NonFiniteLossError
 from utils.runtime.monitoring import ProgressMeter, TensorBoard, log
 from utils.train.loss import DINOLoss, koleo_loss
 from utils.train.optim import (
@@ -26,11 +27,6 @@ from utils.train.optim import (
     gradient_norm,
     set_schedule_values,
 )
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive non-finite losses: the run stops rather than save a broken model."""
-
 
 NONFINITE_ADVICE = (
     "usual remedies: --precision fp32 or bf16 instead of fp16, a lower --lr, a lower --teacher_temp "
