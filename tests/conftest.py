@@ -113,6 +113,13 @@ TINY_TRAIN_FLAGS = [
 
 
 @pytest.fixture(autouse=True)
+def own_cache_home(tmp_path_factory, monkeypatch):
+    """Each test its own ``XDG_CACHE_HOME`` (where the scripts keep the decoded-image cache unless ``--cache_dir``
+    says otherwise): whether a test builds a cache or reuses one never depends on the tests that ran before it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+
+
+@pytest.fixture(autouse=True)
 def one_thread():
     """One intra-op thread for in-process tests: the models here are tiny, and on a small (or shared) CPU OpenMP
     threads spinning against data workers or other processes make such forwards many times slower."""

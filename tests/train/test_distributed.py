@@ -56,5 +56,6 @@ def test_launcher_env_torchrun_slurm_and_alone():
 def test_slurm_helpers():
     assert first_slurm_host("node[003-005,7],gpu1") in ("node003",)
     assert first_slurm_host("solo") == "solo"
-    assert 20000 <= slurm_port("99999999") < 30000
-    assert slurm_port("42") == slurm_port("42")
+    # the rule: 20000 + (the job id's last four digits) % 10000, so every task of a job derives the same port
+    ports = [slurm_port(job_id) for job_id in ("99999999", "42", "123456", "7_3")]
+    assert ports == [29999, 20042, 23456, 20073]

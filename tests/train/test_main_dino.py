@@ -79,7 +79,8 @@ def test_max_iters_stops_early_and_rerun_continues(small_synthetic, tmp_path):
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert ckpt["global_iter"] == 3 and ckpt["epoch"] == 0
     assert main_dino.main([*flags, "--max_iters", "7"]) == 0
-    assert load_checkpoint(out / "checkpoint.pth")["global_iter"] >= 7
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert ckpt["global_iter"] == 7 and ckpt["epoch"] == 1  # 5 iterations per epoch (40 images, batch 8)
 
 
 @pytest.mark.parametrize(
