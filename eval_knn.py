@@ -20,17 +20,14 @@ import torch
 from utils.data.augment.per_image import eval_transform
 from utils.data.folders import DatasetError, build_image_dataset, has_labels
 from utils.data.setup import prepare_data_path
-from utils.eval.features import FEATURES, extract_features
+from utils.eval.features import KNN_FEATURES, FeatureDump, extract_features
 from utils.eval.knn import knn_classifier
 from utils.model.weights import build_pretrained_backbone
-from utils.runtime.checkpoint import load_checkpoint
 from utils.runtime.cli import UsageError, add_backbone_flags, add_data_flags, user_errors
 from utils.runtime.distributed import cleanup, init_distributed_mode
 from utils.runtime.monitoring import log
 
-__all__ = ["knn_classifier", "get_args_parser", "main"]
-
-FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth")
+__all__ = ["knn_classifier", "get_args_parser", "main", "cli"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,14 +52,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     knn.add_argument(
         "--feature",
         default="cls",
-        choices=sorted(FEATURES),
+        choices=sorted(KNN_FEATURES),
         help="cls: the normalised CLS token; patch_mean: the mean of the last block's patch tokens",
     )
     knn.add_argument(
         "--dump_features",
         default=None,
         type=str,
-        help="save the features and labels to this folder (trainfeat.pth, testfeat.pth, ...)",
+        help="save the features and labels to this folder (trainfeat.pth, testfeat.pth, trainlabels.pth, "
+        "testlabels.pth)",
     )
     knn.add_argument(
         "--load_features",
@@ -85,7 +83,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--temperature must be positive (got {args.temperature})")
 
 
-def compute_features(args, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def compute_features(args, ctx) -> FeatureDump:
     """Train and val features ``[N, C]`` and labels of the frozen backbone, on every process."""
     data_path = prepare_data_path(args.dataset, args.data_path, args.download, is_main=ctx.is_main)
     transform = eval_transform(args.image_size)
@@ -105,25 +103,12 @@ def compute_features(args, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         args.trust_checkpoint,
     ).to(ctx.device)
     log(f"extracting features of {len(train)} train and {len(val)} val images on {ctx.world_size} process(es)")
-    feature_fn = FEATURES[args.feature]
-    train_features, train_labels = extract_features(
-        model, train, ctx.device, args.batch_size_per_gpu, args.num_workers, feature_fn
+    options = (ctx.device, args.batch_size_per_gpu, args.num_workers, KNN_FEATURES[args.feature])
+    train_features, train_labels = extract_features(model, train, *options)
+    test_features, test_labels = extract_features(model, val, *options)
+    return FeatureDump(
+        train_features=train_features, train_labels=train_labels, test_features=test_features, test_labels=test_labels
     )
-    test_features, test_labels = extract_features(
-        model, val, ctx.device, args.batch_size_per_gpu, args.num_workers, feature_fn
-    )
-    return train_features, test_features, train_labels, test_labels
-
-
-def load_feature_files(folder: str) -> tuple[torch.Tensor, ...]:
-    """The four official feature files of ``folder`` (plain tensors, loaded with ``weights_only=True``)."""
-    tensors = []
-    for name in FEATURE_FILES:
-        tensor = load_checkpoint(Path(folder) / name)
-        if not isinstance(tensor, torch.Tensor):
-            raise DatasetError(f"{Path(folder) / name} does not hold a tensor")
-        tensors.append(tensor)
-    return tuple(tensors)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -132,22 +117,23 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def main(args: argparse.Namespace) -> list[dict]:
+    """The whole evaluation on parsed flags (the entry of the command line and of SLURM jobs): one
+    ``{"k", "top1", "top5"}`` row per ``--nb_knn`` on the main process (appended to ``knn_results.json``), an empty
+    list on the others. User mistakes raise a :class:`~utils.runtime.cli.UsageError` (or another user error)."""
     validate_args(args)
     ctx = init_distributed_mode(args.device)
     start = time.time()
     if args.load_features:
-        train_features, test_features, train_labels, test_labels = load_feature_files(args.load_features)
+        dump = FeatureDump.load(args.load_features)
     else:
-        train_features, test_features, train_labels, test_labels = compute_features(args, ctx)
+        dump = compute_features(args, ctx)
+    train_features, test_features = dump.train_features, dump.test_features
+    train_labels, test_labels = dump.train_labels, dump.test_labels
     rows: list[dict] = []
     if ctx.is_main:
         if args.dump_features:
-            folder = Path(args.dump_features)
-            folder.mkdir(parents=True, exist_ok=True)
-            for name, tensor in zip(FEATURE_FILES, (train_features, test_features, train_labels, test_labels)):
-                torch.save(tensor.cpu(), folder / name)
-            log(f"features saved to {folder}")
+            log(f"features saved to {dump.save(args.dump_features)}")
         device = ctx.device if args.features_on_device else torch.device("cpu")
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
         for k in args.nb_knn:
@@ -186,12 +172,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: parse ``argv``, run :func:`main`; a user mistake exits with status 2 and one line."""
     args = get_args_parser().parse_args(argv)
     with user_errors():
-        run(args)
+        main(args)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

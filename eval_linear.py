@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,13 +26,14 @@ from torchvision import transforms
 from utils.data.augment.per_image import eval_transform, normalize, to_rgb
 from utils.data.folders import DatasetError, build_image_dataset, has_labels
 from utils.data.setup import prepare_data_path
-from utils.eval.features import StridedSampler, extract_features
+from utils.eval.features import StridedSampler, TokenFeatures, extract_features
 from utils.eval.linear_probe import (
-    LinearClassifier,
-    classify_batch,
-    linear_optimizer,
-    make_linear_feature_fn,
+    build_grid,
+    cosine_lr,
+    scaled_lr,
+    set_epoch_lrs,
     topk_correct,
+    train_epoch,
     train_grid_on_features,
 )
 from utils.model.weights import build_pretrained_backbone
@@ -39,6 +41,7 @@ from utils.runtime.checkpoint import restart_from_checkpoint, save_checkpoint
 from utils.runtime.cli import UsageError, add_backbone_flags, add_data_flags, bool_flag, user_errors
 from utils.runtime.distributed import all_reduce_sum, cleanup, init_distributed_mode
 from utils.runtime.monitoring import ProgressMeter, TensorBoard, append_json_line, format_duration, log
+from utils.train.optim import autocast, resolve_precision
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -85,6 +88,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=float,
         help="learning rates swept with --cache_features (default: --lr alone)",
     )
+    probe.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="autocast of the frozen backbone (the classifier trains in fp32); auto: as main_dino.py's --precision",
+    )
     probe.add_argument("--print_freq", default=20, type=int, help="console progress every this many iterations")
     probe.add_argument("--seed", default=0, type=int, help="random seed")
     return parser
@@ -121,12 +130,22 @@ def load_splits(args, ctx, train_tf, val_tf):
     return train, val, len(train.classes)
 
 
+def feature_selector(args: argparse.Namespace) -> TokenFeatures:
+    """Official DINO's probe features: the CLS tokens of the last ``--n_last_blocks`` blocks, then, with
+    ``--avgpool_patchtokens``, the mean patch token of the last block."""
+    return TokenFeatures(n_last_blocks=args.n_last_blocks, avgpool_patchtokens=args.avgpool_patchtokens)
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
 def run_cached(args, ctx, backbone) -> dict:
     """Extract features once, then sweep the learning rates in one pass (rank 0 trains; features are small)."""
     train, val, num_classes = load_splits(args, ctx, eval_transform(args.image_size), eval_transform(args.image_size))
-    feature_fn = make_linear_feature_fn(args.n_last_blocks, args.avgpool_patchtokens)
     start = time.time()
-    options = (ctx.device, args.batch_size_per_gpu, args.num_workers, feature_fn)
+    precision = resolve_precision(args.precision, ctx.device)
+    options = (ctx.device, args.batch_size_per_gpu, args.num_workers, feature_selector(args), autocast_dtype(precision))
     train_x, train_y = extract_features(backbone, train, *options)
     val_x, val_y = extract_features(backbone, val, *options)
     extract_s = time.time() - start
@@ -186,13 +205,33 @@ def run_cached(args, ctx, backbone) -> dict:
     }
 
 
+def frozen_features(backbone, selector: TokenFeatures, loader, device, precision: str):
+    """``(features [B, D] fp32, labels [B])`` of each batch of ``loader``: the frozen backbone without gradient,
+    under ``precision`` autocast."""
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.no_grad(), autocast(device, precision):
+            features = selector(backbone, images)
+        yield features.float(), labels
+
+
+def progress(meter: ProgressMeter, images_per_step: int, lr: float) -> Callable[[int, torch.Tensor], None]:
+    """``on_step`` for :func:`~utils.eval.linear_probe.train_epoch`: counts every step, reads the loss back to the
+    host only on the steps the meter prints."""
+
+    def on_step(step: int, loss: torch.Tensor) -> None:
+        printing = step % meter.print_freq == 0 or step == meter.total
+        meter.update(images_per_step, **({"loss": loss.item(), "lr": lr} if printing else {}))
+
+    return on_step
+
+
 @torch.no_grad()
-def validate(backbone, classifier, loader, ctx, args) -> dict:
+def validate(backbone, classifier, loader, ctx, args, precision: str) -> dict:
     """Top-1 / top-5 (%) and mean loss over the whole val split, each process scoring its share."""
     totals = torch.zeros(4, device=ctx.device)  # correct@1, correct@5, loss sum, count
-    for images, labels in loader:
-        images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
-        logits = classify_batch(backbone, classifier, images, args.n_last_blocks, args.avgpool_patchtokens)
+    for features, labels in frozen_features(backbone, feature_selector(args), loader, ctx.device, precision):
+        logits = classifier(features)[0]
         c1, c5 = topk_correct(logits, labels)
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
         totals += torch.stack([c1.float(), c5.float(), loss, torch.tensor(float(len(labels)), device=ctx.device)])
@@ -201,7 +240,14 @@ def validate(backbone, classifier, loader, ctx, args) -> dict:
 
 
 def run_augmented(args, ctx, backbone) -> dict:
-    """The official path: augmented images through the frozen backbone every epoch, checkpoints, resume."""
+    """The official path: augmented images through the frozen backbone every epoch, checkpoints, resume.
+
+    One linear head (a :class:`~utils.eval.linear_probe.LinearClassifierGrid` of one, DDP across processes) trained
+    by :func:`~utils.eval.linear_probe.train_epoch`; the lr of epoch ``e`` is
+    :func:`~utils.eval.linear_probe.cosine_lr` of ``e`` and ``--epochs``, so a run resumed with more epochs follows
+    the longer schedule. ``checkpoint.pth`` holds the head's ``state_dict`` (``linear.weight``, ``linear.bias``),
+    the optimizer, the next ``epoch`` and ``best_acc``.
+    """
     train, val, num_classes = load_splits(args, ctx, train_transform(args.image_size), eval_transform(args.image_size))
     sampler = DistributedSampler(train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed)
     pin = ctx.device.type == "cuda"
@@ -220,40 +266,36 @@ def run_augmented(args, ctx, backbone) -> dict:
         num_workers=args.num_workers,
         pin_memory=pin,
     )
-    embed_dim = backbone.embed_dim * (args.n_last_blocks + int(args.avgpool_patchtokens))
-    classifier = LinearClassifier(embed_dim, num_classes).to(ctx.device)
-    module = classifier
+    precision = resolve_precision(args.precision, ctx.device)
+    selector = feature_selector(args)
+    base_lr = scaled_lr(args.lr, args.batch_size_per_gpu * ctx.world_size, args.optimizer)
+    grid, optimizer = build_grid(
+        selector.dim(backbone.embed_dim), num_classes, [base_lr], args.optimizer, args.weight_decay, ctx.device
+    )
+    head = grid.heads[0]
+    classifier = grid
     if ctx.world_size > 1:
-        classifier = DistributedDataParallel(classifier, device_ids=[ctx.device.index] if pin else None)
-    lr = args.lr * args.batch_size_per_gpu * ctx.world_size / 256.0 if args.optimizer == "sgd" else args.lr
-    optimizer = linear_optimizer(module.parameters(), args.optimizer, lr, args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
+        classifier = DistributedDataParallel(grid, device_ids=[ctx.device.index] if pin else None)
 
     output = Path(args.output_dir)
     run = {"epoch": 0, "best_acc": 0.0}
-    if restart_from_checkpoint(
-        output / "checkpoint.pth", run, state_dict=module, optimizer=optimizer, scheduler=scheduler
-    ):
+    if restart_from_checkpoint(output / "checkpoint.pth", run, state_dict=head, optimizer=optimizer):
         log(f"resumed the linear probe at epoch {run['epoch']} (best top-1 so far {run['best_acc']:.2f}%)")
     tb = TensorBoard(output)
     start = time.time()
     for epoch in range(run["epoch"], args.epochs):
         sampler.set_epoch(epoch)
+        set_epoch_lrs(optimizer, [base_lr], epoch, args.epochs)
+        lr = cosine_lr(base_lr, epoch, args.epochs)
         classifier.train()
         meter = ProgressMeter(len(train_loader), f"Epoch [{epoch}/{args.epochs}]", ctx.device, args.print_freq)
-        for images, labels in train_loader:
-            images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
-            logits = classify_batch(backbone, classifier, images, args.n_last_blocks, args.avgpool_patchtokens)
-            loss = torch.nn.functional.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            meter.update(len(labels) * ctx.world_size, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
-        record = {"epoch": epoch, **{f"train_{k}": v for k, v in meter.averages().items()}}
-        scheduler.step()
+        on_step = progress(meter, args.batch_size_per_gpu * ctx.world_size, lr)
+        batches = frozen_features(backbone, selector, train_loader, ctx.device, precision)
+        train_loss = train_epoch(classifier, optimizer, batches, on_step).item()
+        record = {"epoch": epoch, "train_loss": train_loss, "train_lr": lr}
         if (epoch + 1) % args.val_freq == 0 or epoch + 1 == args.epochs:
             classifier.eval()
-            stats = validate(backbone, classifier, val_loader, ctx, args)
+            stats = validate(backbone, grid, val_loader, ctx, args, precision)
             run["best_acc"] = max(run["best_acc"], stats["acc1"])
             record |= {"test_acc1": stats["acc1"], "test_acc5": stats["acc5"], "test_loss": stats["loss"]}
             log(f"val top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%  (best top-1 {run['best_acc']:.2f}%)")
@@ -262,9 +304,8 @@ def run_augmented(args, ctx, backbone) -> dict:
         if ctx.is_main:
             save_checkpoint(
                 {
-                    "state_dict": module.state_dict(),
+                    "state_dict": head.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
                     "epoch": epoch + 1,
                     "best_acc": run["best_acc"],
                 },
@@ -275,7 +316,10 @@ def run_augmented(args, ctx, backbone) -> dict:
     return {"mode": "augmented", "best_acc": run["best_acc"], "time_s": time.time() - start}
 
 
-def run(args: argparse.Namespace) -> dict:
+def main(args: argparse.Namespace) -> dict:
+    """The whole probe on parsed flags (the entry of the command line and of SLURM jobs); returns the result that
+    ``linear_results.json`` gets (empty on the non-main processes of the cached path). User mistakes raise
+    :class:`~utils.runtime.cli.UsageError` (or another error of ``user_error_types``)."""
     validate_args(args)
     ctx = init_distributed_mode(args.device)
     torch.manual_seed(args.seed)
@@ -303,12 +347,13 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: parse ``argv``, run :func:`main`; a user mistake exits with status 2 and one line."""
     args = get_args_parser().parse_args(argv)
     with user_errors():
-        run(args)
+        main(args)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -31,8 +31,7 @@ import torch
 from torch.utils.data import Subset
 
 from utils.data.stl10 import STL10_CLASSES, STL10Binary, download_stl10, stl10_transform
-from utils.eval.feature_modes import describe_feature, make_feature_fn
-from utils.eval.features import extract_features
+from utils.eval.features import FeatureDump, TokenFeatures, extract_features
 from utils.eval.fewshot import (
     FEWSHOT_METHODS,
     format_report,
@@ -43,54 +42,25 @@ from utils.eval.fewshot import (
     summarize_accuracies,
 )
 from utils.eval.knn import knn_classifier
-from utils.model.vit import ARCH_ALIASES
 from utils.model.weights import build_pretrained_backbone
-from utils.runtime.checkpoint import load_checkpoint
-from utils.runtime.cli import UsageError, bool_flag, user_errors
+from utils.runtime.cli import UsageError, add_backbone_flags, bool_flag, user_errors
 from utils.runtime.distributed import barrier, cleanup, init_distributed_mode
 from utils.runtime.monitoring import format_duration, log
 
 #: (name in the report, metric, weighting) of the k-NN variants run for every ``--nb_knn``.
 KNN_VARIANTS = (("weighted cosine", "cosine", "distance"), ("uniform euclidean", "euclidean", "uniform"))
-FEATURE_FILES = ("trainfeat.pth", "trainlabels.pth", "testfeat.pth", "testlabels.pth")  # official dump names
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        "STL-10 transfer evaluation", add_help=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        "STL-10 transfer evaluation",
+        add_help=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        conflict_handler="resolve",  # --crop takes over the shared --image_size
     )
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--arch",
-        default="vit_small",
-        type=str,
-        help=f"{', '.join(ARCH_ALIASES)} (timm's vit_*_patch{{P}}_224), or any timm ViT name",
-    )
-    model.add_argument("--patch_size", default=16, type=int, help="ViT patch size in pixels (for the short arch names)")
-    model.add_argument(
-        "--pretrained_weights",
-        default="",
-        type=str,
-        help="weights to evaluate: an official DINO file (e.g. dino_deitsmall16_pretrain.pth or a full "
-        "checkpoint) or a tinydino checkpoint; empty: random initialisation",
-    )
-    model.add_argument(
-        "--checkpoint_key",
-        default="teacher",
-        type=str,
-        help='key of the state dict to use in a full checkpoint (e.g. "teacher" or "student")',
-    )
-    model.add_argument(
-        "--timm_model",
-        default=None,
-        type=str,
-        help="evaluate a pretrained timm hub model instead (e.g. vit_small_patch16_224.dino; needs internet once)",
-    )
-    model.add_argument(
-        "--trust_checkpoint",
-        action="store_true",
-        help="allow --pretrained_weights files that need full unpickling (can run arbitrary code: trusted files only)",
-    )
+    add_backbone_flags(parser)
+    parser.set_defaults(arch="vit_small")
+    model = parser.add_argument_group("features")
     model.add_argument(
         "--use_cls", default=True, type=bool_flag, help="features: the CLS token (True) or the mean patch token"
     )
@@ -107,7 +77,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--download", action="store_true", help="download (2.5 GB) and extract STL-10 into --data_path")
     data.add_argument("--resize", default=256, type=int, help="resize the shorter side to this (bicubic) ...")
-    data.add_argument("--crop", default=224, type=int, help="... then centre-crop this (the model's input size)")
+    data.add_argument(
+        "--crop",
+        "--image_size",
+        dest="crop",
+        default=224,
+        type=int,
+        help="... then centre-crop this: the side of the model's input image (replaces the backbone group's "
+        "--image_size, of the same meaning)",
+    )
     data.add_argument(
         "--max_train", default=None, type=int, help="use a seeded random subset of this many train images (quick runs)"
     )
@@ -231,6 +209,11 @@ def check_shots(labels: list[int], num_classes: int, shots: list[int]) -> None:
         )
 
 
+def feature_selector(args: argparse.Namespace) -> TokenFeatures:
+    """``--use_cls`` / ``--n_last_blocks``: per block of the last n, the CLS token or the mean patch token."""
+    return TokenFeatures(n_last_blocks=args.n_last_blocks, use_cls=args.use_cls)
+
+
 def extract(args: argparse.Namespace, ctx) -> tuple[torch.Tensor, ...]:
     """(train features, train labels, test features, test labels, class names), extracted from the images."""
     data_path = Path(args.data_path)
@@ -263,9 +246,9 @@ def extract(args: argparse.Namespace, ctx) -> tuple[torch.Tensor, ...]:
         raise UsageError(f"--n_last_blocks ({args.n_last_blocks}) exceeds the model's {len(model.blocks)} blocks")
     model = model.to(ctx.device).eval()
     source = args.timm_model or args.pretrained_weights or "random initialisation"
-    log(f"model: {model_name(args)}, weights from {source}, {describe_feature(args.use_cls, args.n_last_blocks)}")
+    feature_fn = feature_selector(args)
+    log(f"model: {model_name(args)}, weights from {source}, {feature_fn.describe()}")
 
-    feature_fn = make_feature_fn(args.use_cls, args.n_last_blocks)
     autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
     features = []
     for name, data in (("train", train_data), ("test", test_data)):
@@ -275,27 +258,24 @@ def extract(args: argparse.Namespace, ctx) -> tuple[torch.Tensor, ...]:
         )
         log(f"features of {len(data)} {name} images: {list(feats.shape)} in {format_duration(time.time() - start)}")
         features += [feats, labels]
+    train_feats, train_labels, test_feats, test_labels = features
+    dump = FeatureDump(
+        train_features=train_feats, train_labels=train_labels, test_features=test_feats, test_labels=test_labels
+    )
     if args.dump_features and ctx.is_main:
-        folder = Path(args.dump_features)
-        folder.mkdir(parents=True, exist_ok=True)
-        for file_name, tensor in zip(FEATURE_FILES, features):
-            torch.save(tensor, folder / file_name)
-        log(f"features saved in {folder}")
+        log(f"features saved in {dump.save(args.dump_features)}")
     return (*features, classes)
 
 
 def load_features(folder: str) -> tuple:
-    """Features saved by ``--dump_features`` (tensors only: loaded with ``weights_only``)."""
-    train_feats, train_labels, test_feats, test_labels = (
-        load_checkpoint(Path(folder) / name) for name in FEATURE_FILES
-    )
-    for name, t in zip(FEATURE_FILES, (train_feats, train_labels, test_feats, test_labels)):
-        if not isinstance(t, torch.Tensor):
-            raise UsageError(f"{Path(folder) / name} holds a {type(t).__name__}, not a tensor")
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    """Features saved by ``--dump_features`` (tensors only: loaded with ``weights_only``) and the class names."""
+    dump = FeatureDump.load(folder)
+    num_classes = int(max(dump.train_labels.max(), dump.test_labels.max())) + 1
     classes = list(STL10_CLASSES) if num_classes <= len(STL10_CLASSES) else [str(c) for c in range(num_classes)]
-    log(f"loaded features from {folder}: train {list(train_feats.shape)}, test {list(test_feats.shape)}")
-    return train_feats.float(), train_labels.long(), test_feats.float(), test_labels.long(), classes
+    log(
+        f"loaded features from {folder}: train {list(dump.train_features.shape)}, test {list(dump.test_features.shape)}"
+    )
+    return dump.train_features, dump.train_labels, dump.test_features, dump.test_labels, classes
 
 
 def evaluate(args, train_feats, train_labels, test_feats, test_labels, classes, device) -> dict:
@@ -401,8 +381,10 @@ def plot(results: dict, path: Path, args: argparse.Namespace) -> Path:
     )
 
 
-def eval_stl10(args: argparse.Namespace) -> dict | None:
-    """The whole evaluation; returns the results on the main process, None on the others."""
+def main(args: argparse.Namespace) -> dict | None:
+    """The whole evaluation on parsed flags (the entry of the command line and of SLURM jobs); returns the results
+    on the main process, None on the others. User mistakes raise :class:`~utils.runtime.cli.UsageError` (or another
+    user error)."""
     validate_args(args)
     ctx = init_distributed_mode(args.device, timeout_s=args.dist_timeout)
     torch.manual_seed(args.seed)
@@ -428,7 +410,7 @@ def eval_stl10(args: argparse.Namespace) -> dict | None:
             "pretrained_weights": args.pretrained_weights or None,
             "checkpoint_key": args.checkpoint_key,
             "timm_model": args.timm_model,
-            "feature": describe_feature(args.use_cls, args.n_last_blocks),
+            "feature": feature_selector(args).describe(),
             "use_cls": args.use_cls,
             "n_last_blocks": args.n_last_blocks,
             "feature_dim": int(train_feats.shape[1]),
@@ -458,7 +440,8 @@ def eval_stl10(args: argparse.Namespace) -> dict | None:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: parse ``argv``, run :func:`main`; a user mistake exits with status 2 and one line."""
     parser = argparse.ArgumentParser(
         "eval_stl10.py",
         parents=[get_args_parser()],
@@ -467,9 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     with user_errors("eval_stl10.py"):
-        eval_stl10(args)
+        main(args)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -41,45 +41,20 @@ from utils.eval.attention import (
     mask_description,
     mask_image,
 )
-from utils.model.vit import ARCH_ALIASES
 from utils.model.weights import build_pretrained_backbone
-from utils.runtime.cli import UsageError, user_errors
+from utils.runtime.cli import UsageError, add_backbone_flags, user_errors
 
 SAMPLE_IMAGE = "china.jpg"  # one of the photographs shipped inside scikit-learn (sklearn.datasets.load_sample_image)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        "Visualize self-attention maps", add_help=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        "Visualize self-attention maps",
+        add_help=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        conflict_handler="resolve",  # the images group's --image_size (S or H W) replaces the shared one
     )
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--arch",
-        default="vit_tiny",
-        type=str,
-        help=f"architecture: {', '.join(ARCH_ALIASES)} (with --patch_size) or any timm ViT name",
-    )
-    model.add_argument("--patch_size", default=16, type=int, help="ViT patch size in pixels (for the short arch names)")
-    model.add_argument(
-        "--pretrained_weights",
-        default="",
-        type=str,
-        help="our checkpoint or an official DINO .pth file; empty: a random-init ViT (its maps show no structure)",
-    )
-    model.add_argument(
-        "--checkpoint_key", default="teacher", type=str, help='key of the weights in a full checkpoint (e.g. "teacher")'
-    )
-    model.add_argument(
-        "--timm_model",
-        default=None,
-        type=str,
-        help="a pretrained timm hub model instead (e.g. vit_small_patch16_224.dino; needs internet the first time)",
-    )
-    model.add_argument(
-        "--trust_checkpoint",
-        action="store_true",
-        help="allow a checkpoint that needs full unpickling (can run code: only for files you trust)",
-    )
+    add_backbone_flags(parser)
 
     data = parser.add_argument_group("images")
     data.add_argument(
@@ -254,8 +229,9 @@ def _save_png(array: np.ndarray, path: Path, written: list[Path]) -> None:
     written.append(path)
 
 
-def visualize_attention(args: argparse.Namespace) -> list[Path]:
-    """Write the PNGs of every input image; returns their paths."""
+def main(args: argparse.Namespace) -> list[Path]:
+    """Write the PNGs of every input image on parsed flags (the script's entry); returns their paths. User mistakes
+    raise :class:`~utils.runtime.cli.UsageError` (or another user error)."""
     validate_args(args)
     images = iter_images(args)
     first = next(images)  # fail on a bad input before building the model
@@ -309,7 +285,8 @@ def visualize_attention(args: argparse.Namespace) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: parse ``argv``, run :func:`main`; a user mistake exits with status 2 and one line."""
     parser = argparse.ArgumentParser(
         "visualize_attention.py",
         parents=[get_args_parser()],
@@ -318,9 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     with user_errors():
-        visualize_attention(args)
+        main(args)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -18,8 +18,7 @@ from PIL import Image
 import eval_stl10
 from tests.conftest import run_script
 from utils.data.folders import DatasetError
-from utils.eval.feature_modes import make_feature_fn
-from utils.eval.features import cls_features, extract_features
+from utils.eval.features import TokenFeatures, extract_features
 from utils.eval.fewshot import (
     confidence_interval,
     linear_probe,
@@ -186,11 +185,11 @@ def test_feature_modes():
     model = build_backbone("vit_tiny", 16, 32).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(make_feature_fn(True, 1)(model, x), cls_features(model, x), atol=1e-6)
+        assert torch.allclose(TokenFeatures()(model, x), model(x), atol=1e-6)
         last_two = model.get_intermediate_layers(x, 2)
-        cls2 = make_feature_fn(True, 2)(model, x)
+        cls2 = TokenFeatures(n_last_blocks=2)(model, x)
         assert cls2.shape == (2, 384) and torch.equal(cls2[:, :192], last_two[0][:, 0])
-        mean2 = make_feature_fn(False, 2)(model, x)
+        mean2 = TokenFeatures(n_last_blocks=2, use_cls=False)(model, x)
         assert torch.allclose(mean2[:, 192:], last_two[1][:, 1:].mean(dim=1))
         assert not torch.allclose(mean2[:, 192:], cls2[:, 192:])
 
@@ -215,7 +214,7 @@ def test_official_layouts_load_and_give_identical_stl10_features(tmp_path):
         },
         full,
     )
-    feature_fn = make_feature_fn(use_cls=False, n_last_blocks=2)
+    feature_fn = TokenFeatures(n_last_blocks=2, use_cls=False)
     expected, labels = extract_features(source, data, torch.device("cpu"), 4, 0, feature_fn)
     for path, key in ((backbone_only, "teacher"), (full, "teacher")):
         model = build_pretrained_backbone("vit_tiny", 16, 32, str(path), checkpoint_key=key)
@@ -233,7 +232,7 @@ class Payload:
 def cli_error(argv: list[str], capsys) -> str:
     """Run eval_stl10's main in-process; it must exit 2 with exactly one line on stderr."""
     with pytest.raises(SystemExit) as exit_info:
-        eval_stl10.main(argv)
+        eval_stl10.cli(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("eval_stl10.py: error: ")
@@ -370,7 +369,7 @@ def test_eval_stl10_end_to_end(tmp_path):
         assert len(png.convert("RGB").getcolors(1 << 20)) > 50  # a drawn figure, not a blank canvas
 
     # the dumped features evaluate again without the model or the images, to the same numbers
-    again = eval_stl10.main(
+    again = eval_stl10.cli(
         [
             *flags,
             "--data_path",
@@ -395,9 +394,7 @@ def test_eval_stl10_under_torchrun_gathers_the_same_features(tmp_path):
     flags += ["--batch_size_per_gpu", "4", "--pretrained_weights", str(tmp_path / "w.pth")]
     torch.manual_seed(0)
     torch.save(build_backbone("vit_tiny", 16, 32).state_dict(), tmp_path / "w.pth")
-    assert (
-        eval_stl10.main([*flags, "--output_dir", str(tmp_path / "one"), "--dump_features", str(tmp_path / "f1")]) == 0
-    )
+    assert eval_stl10.cli([*flags, "--output_dir", str(tmp_path / "one"), "--dump_features", str(tmp_path / "f1")]) == 0
     result = run_script(
         ["eval_stl10.py", *flags, "--output_dir", str(tmp_path / "two"), "--dump_features", str(tmp_path / "f2")],
         nproc=2,

@@ -216,7 +216,7 @@ def test_script_on_a_folder_writes_one_grid_per_image_and_skips_broken_files(tmp
     (images / "notes.txt").write_text("ignored")
     out = tmp_path / "att"
     argv = [*SCRIPT_FLAGS, "--image_path", str(images), "--image_size", "64", "80", "--mask_mode", "value"]
-    assert visualize_attention.main([*argv, "--output_dir", str(out)]) == 0
+    assert visualize_attention.cli([*argv, "--output_dir", str(out)]) == 0
     assert sorted(p.name for p in out.glob("*_grid.png")) == ["a_grid.png", "b_grid.png"]
     assert _png_size(out / "b_head02.png") == (80, 64)
     err = capsys.readouterr().err
@@ -228,7 +228,7 @@ def _main_error(argv, capsys) -> str:
     import visualize_attention
 
     with pytest.raises(SystemExit) as exc:
-        visualize_attention.main(argv)
+        visualize_attention.cli(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("\n") == 1, err
@@ -270,7 +270,7 @@ def test_stl10_images_are_seeded_and_named_by_index_and_class(tmp_path, capsys):
     assert chosen[0] == f"stl10_test{index:04d}_{stl10.STL10_CLASSES[index % 10]}"
     out = tmp_path / "att"
     argv[argv.index("2")] = "1"
-    assert visualize_attention.main([*argv, "--image_size", "64", "--output_dir", str(out)]) == 0
+    assert visualize_attention.cli([*argv, "--image_size", "64", "--output_dir", str(out)]) == 0
     assert sorted(p.name for p in out.glob("*_grid.png")) == [f"{chosen[0]}_grid.png"]
     assert _png_size(out / f"{chosen[0]}_head00.png") == (64, 64)
     missing = _main_error(["--dataset", "stl10", "--data_path", str(tmp_path / "none")], capsys)

@@ -7,6 +7,7 @@ import eval_knn
 from tests.conftest import run_script
 from utils.data.augment.per_image import eval_transform
 from utils.data.folders import build_image_dataset
+from utils.eval.features import FeatureDump
 from utils.model.vit import build_backbone
 
 
@@ -51,17 +52,17 @@ def test_eval_knn_end_to_end_on_a_pretrained_checkpoint(small_synthetic, tiny_ch
         "--dump_features",
         str(tmp_path / "feats"),
     ]
-    assert eval_knn.main(flags) == 0
+    assert eval_knn.cli(flags) == 0
     printed = capsys.readouterr().out
     assert "top-1" in printed
     record = json.loads((tmp_path / "knn_results.json").read_text().splitlines()[-1])
     assert [r["k"] for r in record["results"]] == [1, 5, 20]
     assert all(0 <= r["top1"] <= r["top5"] <= 100 for r in record["results"])
-    for name in eval_knn.FEATURE_FILES:
+    for name in FeatureDump.FILES.values():
         assert (tmp_path / "feats" / name).is_file()
 
     # Reloading the dumped features gives the same numbers, and appends a second record.
-    assert eval_knn.main([*flags[:-2], "--load_features", str(tmp_path / "feats")]) == 0
+    assert eval_knn.cli([*flags[:-2], "--load_features", str(tmp_path / "feats")]) == 0
     records = [json.loads(line) for line in (tmp_path / "knn_results.json").read_text().splitlines()]
     assert len(records) == 2 and records[1]["results"] == records[0]["results"]
 
@@ -88,8 +89,14 @@ def test_eval_knn_euclidean_uniform_matches_sklearn_on_dumped_features(small_syn
         "--nb_knn",
         "5",
     ]
-    rows = eval_knn.run(eval_knn.get_args_parser().parse_args([*base, "--dump_features", str(feats)]))
-    train, test, train_labels, test_labels = eval_knn.load_feature_files(str(feats))
+    rows = eval_knn.main(eval_knn.get_args_parser().parse_args([*base, "--dump_features", str(feats)]))
+    dump = FeatureDump.load(feats)
+    train, test, train_labels, test_labels = (
+        dump.train_features,
+        dump.test_features,
+        dump.train_labels,
+        dump.test_labels,
+    )
     sk = KNeighborsClassifier(n_neighbors=5, metric="euclidean", algorithm="brute").fit(train, train_labels)
     assert rows[0]["top1"] == pytest.approx(100.0 * (sk.predict(test) == test_labels.numpy()).mean())
 

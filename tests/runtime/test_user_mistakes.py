@@ -75,7 +75,7 @@ def test_checkpoint_key_not_in_the_file_lists_keys(small_synthetic, tmp_path, ou
     torch.save({"teacher": {}, "student": {}, "optimizer": {}, "epoch": 3}, weights)
     err = one_line_error(
         capsys,
-        lambda: eval_knn.main(
+        lambda: eval_knn.cli(
             [
                 "--pretrained_weights",
                 str(weights),
@@ -101,7 +101,7 @@ def test_weights_of_another_architecture(small_synthetic, tmp_path, output_dir, 
     torch.save(build_backbone("vit_small", 16, 32).state_dict(), weights)
     err = one_line_error(
         capsys,
-        lambda: eval_knn.main(
+        lambda: eval_knn.cli(
             [
                 "--pretrained_weights",
                 str(weights),
@@ -132,7 +132,7 @@ def test_checkpoint_that_needs_pickle(small_synthetic, tmp_path, output_dir, cap
     torch.save({"teacher": {}, "extra": CustomObject()}, weights)
     err = one_line_error(
         capsys,
-        lambda: eval_knn.main(
+        lambda: eval_knn.cli(
             [
                 "--pretrained_weights",
                 str(weights),
@@ -151,7 +151,7 @@ def test_checkpoint_that_needs_pickle(small_synthetic, tmp_path, output_dir, cap
 
 def test_attention_threshold_outside_unit_interval(output_dir, capsys):
     err = one_line_error(
-        capsys, lambda: visualize_attention.main(["--threshold", "1.5", "--output_dir", str(output_dir)])
+        capsys, lambda: visualize_attention.cli(["--threshold", "1.5", "--output_dir", str(output_dir)])
     )
     assert "--threshold" in err and "1.5" in err
     assert unchanged(output_dir)

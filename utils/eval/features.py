@@ -1,13 +1,19 @@
-"""Frozen-feature extraction, split across processes and gathered back in dataset order."""
+"""Frozen features of a ViT: which tokens (:class:`TokenFeatures`), their extraction split across processes and
+gathered back in dataset order, their dump files, and their effective rank."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from utils.data.folders import DatasetError
+from utils.runtime.checkpoint import load_checkpoint
 from utils.runtime.distributed import all_gather_uneven, get_rank, get_world_size
 
 
@@ -38,28 +44,84 @@ class IndexedDataset(Dataset):
         return image, label, index
 
 
-def pool_output(output: torch.Tensor) -> torch.Tensor:
-    """A backbone's output as one vector per image: ``[B, C]`` as is, the spatial mean of ``[B, C, H, W]`` maps
-    (convolutional backbones), the first (CLS) token of ``[B, T, C]`` token sequences."""
-    if output.ndim == 4:
-        return output.mean(dim=(2, 3))
-    if output.ndim == 3:
-        return output[:, 0]
-    return output
+@dataclass(frozen=True)
+class TokenFeatures:
+    """Which frozen feature of a ViT to use: ``feature_fn(model, images [B, 3, H, W]) -> [B, dim]``.
+
+    Reads the last ``n_last_blocks`` blocks' outputs (each through the final norm) with the backbone's
+    ``get_intermediate_layers`` and concatenates, oldest block first, per block the CLS token (``use_cls``) or the
+    mean of its patch tokens (prefix tokens excluded); with ``avgpool_patchtokens`` the mean patch token of the last
+    block is appended. ``dim = (n_last_blocks + avgpool_patchtokens) * embed_dim``.
+
+    Official DINO's linear probe (``--n_last_blocks n --avgpool_patchtokens b``) is ``TokenFeatures(n, True, b)``;
+    its k-NN feature (the backbone's output, the last block's normalised CLS token) is ``TokenFeatures()``.
+    """
+
+    n_last_blocks: int = 1
+    use_cls: bool = True
+    avgpool_patchtokens: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_last_blocks < 1:
+            raise ValueError(f"n_last_blocks must be >= 1, got {self.n_last_blocks}")
+
+    def __call__(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        blocks = model.get_intermediate_layers(images, self.n_last_blocks)
+        prefix = model.num_prefix_tokens
+        parts = [tokens[:, 0] if self.use_cls else tokens[:, prefix:].mean(dim=1) for tokens in blocks]
+        if self.avgpool_patchtokens:
+            parts.append(blocks[-1][:, prefix:].mean(dim=1))
+        return torch.cat(parts, dim=-1)
+
+    def dim(self, embed_dim: int) -> int:
+        """Feature size for a backbone of width ``embed_dim``."""
+        return (self.n_last_blocks + int(self.avgpool_patchtokens)) * embed_dim
+
+    def describe(self) -> str:
+        """Short name: ``CLS``, ``mean patch``, ``CLS x4 blocks``, ``CLS x4 blocks + mean patch``."""
+        name = "CLS" if self.use_cls else "mean patch"
+        name = name if self.n_last_blocks == 1 else f"{name} x{self.n_last_blocks} blocks"
+        return f"{name} + mean patch" if self.avgpool_patchtokens else name
 
 
-def cls_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The backbone's output pooled to ``[B, C]``: for our ViTs, timm's normalised CLS token."""
-    return pool_output(model(images))
+#: ``eval_knn.py --feature`` choices.
+KNN_FEATURES = {"cls": TokenFeatures(), "patch_mean": TokenFeatures(use_cls=False)}
 
 
-def patch_mean_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Mean of the last block's normalised patch tokens ``[B, C]`` (prefix tokens excluded)."""
-    tokens = model.get_intermediate_layers(images, n=1)[0]
-    return tokens[:, model.num_prefix_tokens :].mean(dim=1)
+@dataclass
+class FeatureDump:
+    """Features ``[N, D]`` / ``[M, D]`` and labels ``[N]`` / ``[M]`` of a train and a test split, saved as the four
+    files of official DINO's ``eval_knn.py --dump_features`` (:data:`FILES`, one tensor each)."""
 
+    FILES: ClassVar[dict[str, str]] = {
+        "train_features": "trainfeat.pth",
+        "test_features": "testfeat.pth",
+        "train_labels": "trainlabels.pth",
+        "test_labels": "testlabels.pth",
+    }
 
-FEATURES = {"cls": cls_features, "patch_mean": patch_mean_features}
+    train_features: torch.Tensor
+    train_labels: torch.Tensor
+    test_features: torch.Tensor
+    test_labels: torch.Tensor
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for field_name, file_name in self.FILES.items():
+            torch.save(getattr(self, field_name).cpu(), folder / file_name)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> FeatureDump:
+        """The four files of ``folder`` (loaded with ``weights_only=True``); features as fp32, labels as int64."""
+        tensors = {}
+        for field_name, file_name in cls.FILES.items():
+            tensor = load_checkpoint(Path(folder) / file_name)
+            if not isinstance(tensor, torch.Tensor):
+                raise DatasetError(f"{Path(folder) / file_name} holds a {type(tensor).__name__}, not a tensor")
+            tensors[field_name] = tensor.float() if field_name.endswith("features") else tensor.long()
+        return cls(**tensors)
 
 
 @torch.no_grad()
@@ -69,14 +131,15 @@ def extract_features(
     device: torch.device,
     batch_size: int = 128,
     num_workers: int = 2,
-    feature_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = cls_features,
+    feature_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = TokenFeatures(),
     autocast_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of every sample of ``dataset``, in dataset order, on every process.
 
     Each process embeds the samples ``rank::world_size`` (each image once, by one process), then all processes
     gather the pieces (uneven sizes handled) and put them back in order. Returns ``features [N, C]`` (fp32, on the
-    CPU) and ``labels [N]`` (int64). ``feature_fn(model, images) -> [B, C]`` chooses the feature.
+    CPU) and ``labels [N]`` (int64). ``feature_fn(model, images) -> [B, C]`` chooses the feature (default: the
+    last block's CLS token, see :class:`TokenFeatures`); it runs under ``autocast_dtype`` autocast when given.
     """
     rank, world = get_rank(), get_world_size()
     loader = DataLoader(

@@ -21,11 +21,20 @@ def evaluate_knn(
     temperature: float = 0.07,
 ) -> dict[str, float]:
     """Weighted k-NN (cosine, ``k`` neighbours, votes ``exp(sim / temperature)``) of ``backbone``'s CLS features:
-    the train split is the memory bank, the val split is classified. Returns ``{"top1": %, "top5": %,
-    "feature_rank": r}``, ``r`` the :func:`~utils.eval.features.effective_rank` of the train features (of
-    ``embed_dim`` at most): a rank that falls to a few units while the accuracy drops is dimensional collapse."""
+    the train split is the memory bank, the val split is classified, on ``device`` (the features are gathered on
+    every process; each classifies on its own device). Returns ``{"top1": %, "top5": %, "feature_rank": r}``, ``r``
+    the :func:`~utils.eval.features.effective_rank` of the train features (of ``embed_dim`` at most): a rank that
+    falls to a few units while the accuracy drops is dimensional collapse."""
     train_features, train_labels = extract_features(backbone, train_dataset, device, batch_size, num_workers)
     val_features, val_labels = extract_features(backbone, val_dataset, device, batch_size, num_workers)
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
-    top1, top5 = knn_classifier(train_features, train_labels, val_features, val_labels, k, temperature, num_classes)
+    top1, top5 = knn_classifier(
+        train_features.to(device),
+        train_labels.to(device),
+        val_features.to(device),
+        val_labels.to(device),
+        min(k, len(train_labels)),
+        temperature,
+        num_classes,
+    )
     return {"top1": top1, "top5": top5, "feature_rank": effective_rank(train_features)}

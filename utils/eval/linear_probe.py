@@ -1,32 +1,18 @@
-"""Linear probing of a frozen backbone: the features it is trained on, the classifiers, training and evaluation."""
+"""Linear probing of frozen features: the classifiers, the one trainer (:func:`train_epoch` with the per-epoch cosine
+lr of :func:`cosine_lr`) that both ``eval_linear.py`` paths use, and top-k evaluation.
+
+The features are chosen by :class:`utils.eval.features.TokenFeatures`. A probe is a :class:`LinearClassifierGrid` of
+``L >= 1`` heads (one per learning rate of a sweep, ``L = 1`` for the official path), each its own parameter group.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def linear_features(model: nn.Module, images: torch.Tensor, n_last_blocks: int = 4, avgpool: bool = False):
-    """DINO's linear-probe features ``[B, n * C]`` (or ``[B, (n + 1) * C]`` with ``avgpool``): the CLS tokens of the
-    last ``n_last_blocks`` blocks, concatenated, then the mean of the last block's patch tokens if ``avgpool``.
-    (The official code breaks when ``n > 1`` is combined with ``avgpool``; both combinations work here.)"""
-    layers = model.get_intermediate_layers(images, n_last_blocks)
-    parts = [tokens[:, 0] for tokens in layers]
-    if avgpool:
-        parts.append(layers[-1][:, model.num_prefix_tokens :].mean(dim=1))
-    return torch.cat(parts, dim=-1)
-
-
-def make_linear_feature_fn(n_last_blocks: int, avgpool: bool) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
-    """``feature_fn(model, images)`` for :func:`utils.eval.features.extract_features` (picklable arguments only)."""
-
-    def feature_fn(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return linear_features(model, images, n_last_blocks, avgpool)
-
-    return feature_fn
 
 
 class LinearClassifier(nn.Module):
@@ -76,6 +62,62 @@ def grid_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return per_sample.view(n_heads, batch).mean(dim=1).sum()
 
 
+def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
+    """Learning rate of epoch ``epoch`` (0-based) of an ``epochs``-epoch cosine decay to 0:
+    ``base_lr * (1 + cos(pi * epoch / epochs)) / 2`` (``CosineAnnealingLR(T_max=epochs, eta_min=0)`` stepped once
+    per epoch, as official DINO's ``eval_linear.py``). A function of the epoch only: a run resumed with more epochs
+    follows the longer schedule."""
+    return base_lr * (1.0 + math.cos(math.pi * epoch / epochs)) / 2.0
+
+
+def set_epoch_lrs(optimizer: torch.optim.Optimizer, base_lrs: list[float], epoch: int, epochs: int) -> None:
+    """Parameter group ``i`` (head ``i``) gets :func:`cosine_lr` of ``base_lrs[i]``."""
+    for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+        group["lr"] = cosine_lr(base_lr, epoch, epochs)
+
+
+def train_epoch(
+    classifier: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """One pass of the linear-probe trainer: for each ``(features [B, D], labels [B])`` batch, the
+    :func:`grid_loss` of ``classifier`` (a :class:`LinearClassifierGrid`, possibly DDP-wrapped) is minimised by one
+    ``optimizer`` step. ``on_step(step, loss)`` gets the 1-based step and the batch's loss averaged over heads (a 0-d
+    device tensor: nothing is read back to the host here). Returns the mean of that loss over the epoch's steps, a
+    0-d device tensor (0 for no batch)."""
+    grid = classifier.module if hasattr(classifier, "module") else classifier
+    n_heads = len(grid.heads)
+    total, steps = None, 0
+    for features, labels in batches:
+        loss = grid_loss(classifier(features), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+        head_mean = loss.detach() / n_heads
+        total = head_mean if total is None else total + head_mean
+        if on_step is not None:
+            on_step(steps, head_mean)
+    if total is None:
+        return torch.zeros((), device=grid.heads[0].linear.weight.device)
+    return total / steps
+
+
+def build_grid(
+    dim: int, num_classes: int, lrs: list[float], optimizer_name: str, weight_decay: float, device: torch.device
+) -> tuple[LinearClassifierGrid, torch.optim.Optimizer]:
+    """``len(lrs)`` linear heads on ``dim`` features and their optimizer, one parameter group per head."""
+    grid = LinearClassifierGrid(dim, num_classes, len(lrs)).to(device)
+    return grid, _grid_optimizer(grid, lrs, optimizer_name, weight_decay)
+
+
+def scaled_lr(lr: float, global_batch: int, optimizer_name: str) -> float:
+    """SGD: ``lr * global_batch / 256`` (official linear scaling rule); Adam(W): ``lr`` as given."""
+    return lr * global_batch / 256.0 if optimizer_name == "sgd" else lr
+
+
 def train_grid_on_features(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -92,32 +134,23 @@ def train_grid_on_features(
 ) -> dict:
     """Train one linear classifier per learning rate on cached features, all in the same pass over the data.
 
-    Features are ``[N, D]`` tensors (their device is used). SGD (momentum 0.9) or Adam(W) with a cosine decay of
-    each head's lr to 0; lr scaled by ``batch_size / 256`` for SGD (the official rule). Returns per-head validation
-    top-1/top-5 (%), the best head's index, lr and accuracies, and the trained grid.
+    Features are ``[N, D]`` tensors (their device is used). The trainer of :func:`train_epoch` with SGD (momentum
+    0.9) or Adam(W), each head's lr (scaled by :func:`scaled_lr`) decayed per epoch by :func:`cosine_lr`; batches
+    are a seeded shuffle of the cached rows. Returns per-head validation top-1/top-5 (%), the best head's index, lr
+    and accuracies, the per-epoch metrics and the trained grid.
     """
     device = train_features.device
     generator = torch.Generator().manual_seed(seed)
-    grid = LinearClassifierGrid(train_features.shape[1], num_classes, len(lrs)).to(device)
-    scale = batch_size / 256.0 if optimizer_name == "sgd" else 1.0
-    base_lrs = [lr * scale for lr in lrs]
-    optimizer = _grid_optimizer(grid, base_lrs, optimizer_name, weight_decay)
-    steps_per_epoch = max(1, -(-train_features.shape[0] // batch_size))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    base_lrs = [scaled_lr(lr, batch_size, optimizer_name) for lr in lrs]
+    grid, optimizer = build_grid(train_features.shape[1], num_classes, base_lrs, optimizer_name, weight_decay, device)
     history = []
     for epoch in range(epochs):
+        set_epoch_lrs(optimizer, base_lrs, epoch, epochs)
         order = torch.randperm(train_features.shape[0], generator=generator).to(device)
-        total = 0.0
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            loss = grid_loss(grid(train_features[idx]), train_labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() / len(lrs)
+        batches = ((train_features[idx], train_labels[idx]) for idx in order.split(batch_size))
+        train_loss = train_epoch(grid, optimizer, batches)
         metrics = evaluate_grid(grid, val_features, val_labels)
-        metrics["train_loss"] = total / steps_per_epoch
+        metrics["train_loss"] = train_loss.item()
         history.append(metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
@@ -159,23 +192,3 @@ def evaluate_grid(grid: LinearClassifierGrid, features: torch.Tensor, labels: to
         correct5 += c5
     n = max(features.shape[0], 1)
     return {"top1": (100.0 * correct1 / n).tolist(), "top5": (100.0 * correct5 / n).tolist()}
-
-
-def linear_optimizer(params, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """SGD with momentum 0.9 (official), or Adam / AdamW (the original notebook)."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}: use sgd, adam or adamw")
-
-
-def classify_batch(
-    backbone: nn.Module, classifier: nn.Module, images: torch.Tensor, n_last_blocks: int, avgpool: bool
-) -> torch.Tensor:
-    """Logits of the classifier on the frozen backbone's features (no gradient through the backbone)."""
-    with torch.no_grad():
-        features = linear_features(backbone, images, n_last_blocks, avgpool)
-    return classifier(features)

@@ -33,9 +33,9 @@ from utils.runtime.errors import UsageError
 #: The scripts a job can run: module name -> the function (of the parsed flags) that is the script's whole body.
 SCRIPTS: dict[str, str] = {
     "main_dino": "train_dino",
-    "eval_knn": "run",
-    "eval_linear": "run",
-    "eval_stl10": "eval_stl10",
+    "eval_knn": "main",
+    "eval_linear": "main",
+    "eval_stl10": "main",
 }
 
 #: The repository root (where the scripts live): put on the jobs' ``PYTHONPATH``.
