@@ -7,9 +7,13 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
+from utils.runtime.distributed import cpus_per_process
 from utils.runtime.errors import UsageError, UserError
 
-__all__ = ["UsageError", "add_backbone_flags", "add_data_flags", "bool_flag", "user_errors"]
+__all__ = ["UsageError", "add_backbone_flags", "add_data_flags", "bool_flag", "default_loader_workers", "user_errors"]
+
+#: The most data-loading workers a process gets by default.
+MAX_DEFAULT_WORKERS = 8
 
 
 def bool_flag(value: str) -> bool:
@@ -20,6 +24,12 @@ def bool_flag(value: str) -> bool:
     if lowered in {"false", "off", "no", "0"}:
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {value!r}")
+
+
+def default_loader_workers() -> int:
+    """``--num_workers``' default: the CPUs this process may use (``cpus_per_process``: its share of the node under
+    torchrun, its CPUs per task under srun), at most ``MAX_DEFAULT_WORKERS``."""
+    return min(MAX_DEFAULT_WORKERS, cpus_per_process())
 
 
 @contextlib.contextmanager
@@ -89,7 +99,12 @@ def add_data_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     group.add_argument("--download", action="store_true", help="download and prepare TinyImageNet into --data_path")
     group.add_argument("--batch_size_per_gpu", default=128, type=int, help="images per process and batch")
-    group.add_argument("--num_workers", default=4, type=int, help="data loading workers per process")
+    group.add_argument(
+        "--num_workers",
+        default=default_loader_workers(),
+        type=int,
+        help="data loading workers per process (default: this process's CPUs, at most 8: %(default)s here)",
+    )
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
     group.add_argument("--output_dir", default=".", type=str, help="where results are written")
     return parser

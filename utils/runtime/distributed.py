@@ -80,6 +80,21 @@ def first_slurm_host(nodelist: str) -> str:
     return match.group(1) + match.group(2) if match else head
 
 
+def cpus_per_process(environ: dict[str, str] | None = None) -> int:
+    """The CPUs this process may use, at least 1: ``SLURM_CPUS_PER_TASK`` under srun; otherwise the CPUs of its
+    affinity mask (``os.cpu_count()`` where there is none) shared among the processes of this node
+    (``LOCAL_WORLD_SIZE``, which torchrun sets). Never torch's thread count: torchrun sets ``OMP_NUM_THREADS=1``."""
+    env = os.environ if environ is None else environ
+    if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(env["SLURM_CPUS_PER_TASK"]))
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    local_world = int(env["LOCAL_WORLD_SIZE"]) if env.get("LOCAL_WORLD_SIZE", "").isdigit() else 1
+    return max(1, cpus // max(local_world, 1))
+
+
 def pick_device(local_rank: int, device: str = "auto") -> torch.device:
     """``cuda:<local_rank>`` when CUDA is usable (and not refused by ``device='cpu'``), else the CPU."""
     if device == "cpu" or not torch.cuda.is_available():
@@ -104,8 +119,7 @@ def init_distributed_mode(device: str = "auto", timeout_s: float = 1800.0) -> Di
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     else:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")) or 1)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+        torch.set_num_threads(cpus_per_process())
     if not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if dev.type == "cuda" else "gloo",
