@@ -22,19 +22,20 @@ import shutil
 import sys
 from pathlib import Path
 
+import eval_knn
+import eval_linear
+import eval_stl10
+import main_dino
 from utils.runtime.cli import user_errors
 from utils.runtime.errors import UsageError
-from utils.runtime.slurm import (
-    REPO_ROOT,
-    SCRIPTS,
-    ScriptJob,
-    failure_reason,
-    parse_script_args,
-    script_parser,
-    wait_for_job,
-)
+from utils.runtime.slurm import REPO_ROOT, ScriptEntry, ScriptJob, failure_reason, wait_for_job
 
 PROG = "run_with_submitit.py"
+
+#: The scripts a job can run, by the name ``--script`` takes.
+SCRIPTS: dict[str, ScriptEntry] = {
+    module.__name__: ScriptEntry.of(module) for module in (main_dino, eval_knn, eval_linear, eval_stl10)
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -204,17 +205,17 @@ def submit(argv: list[str]):
     if args.help:
         get_args_parser().print_help()
         print(f"\nflags of {args.script}.py (passed through):\n")
-        print(script_parser(args.script).format_help())
+        print(SCRIPTS[args.script].parser().format_help())
         raise SystemExit(0)
     validate_args(args)
-    script_args = parse_script_args(args.script, script_argv)  # a bad flag fails here, before any submission
+    script_args = SCRIPTS[args.script].parse(script_argv)  # a bad flag fails here, before any submission
     job_dir = Path(args.job_dir) if args.job_dir else default_job_dir(script_args)
     executor = build_executor(args, job_dir.expanduser().absolute())
 
     from submitit.core.utils import FailedJobError
 
     try:
-        job = executor.submit(ScriptJob(args.script, script_argv))
+        job = executor.submit(ScriptJob(SCRIPTS[args.script], script_argv))
     except FailedJobError as exc:  # sbatch refused the job (unknown partition, too many resources, ...)
         lines = [line for line in str(exc).splitlines() if line.strip()]
         raise UsageError(f"submission refused: {lines[-1] if lines else exc}") from None

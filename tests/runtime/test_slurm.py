@@ -20,9 +20,10 @@ import pytest
 
 import run_with_submitit
 import utils.runtime.slurm
+from run_with_submitit import SCRIPTS
 from tests.conftest import ROOT, TINY_TRAIN_FLAGS
 from utils.runtime.errors import UsageError
-from utils.runtime.slurm import SCRIPTS, failure_reason, script_parser, wait_for_job
+from utils.runtime.slurm import failure_reason, wait_for_job
 
 SLURM_DIR = ROOT / "tests" / "slurm"
 CPU_JOB = ["--ngpus", "0", "--cpus_per_task", "1", "--timeout", "20"]
@@ -53,7 +54,7 @@ def test_split_argv_keeps_launcher_flags_and_passes_the_rest_in_order():
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_no_launcher_flag_shadows_a_script_flag(script):
     launcher = {s for a in run_with_submitit.get_args_parser()._actions for s in a.option_strings} - {"-h", "--help"}
-    flags = {s for a in script_parser(script)._actions for s in a.option_strings}
+    flags = {s for a in SCRIPTS[script].parser()._actions for s in a.option_strings}
     assert not launcher & flags
 
 
@@ -128,7 +129,7 @@ def test_a_stopped_run_hands_over_to_submitit(rank, stop, expected, monkeypatch)
 
     monkeypatch.setattr(utils.runtime.slurm.os, "kill", fake_kill)
     monkeypatch.setattr(utils.runtime.slurm, "PREEMPT_WAIT_S", 0.0)
-    job = utils.runtime.slurm.ScriptJob("main_dino", ["--epochs", "1"])
+    job = utils.runtime.slurm.ScriptJob(SCRIPTS["main_dino"], ["--epochs", "1"])
     with pytest.raises(SystemExit) as exit_info:
         job.stopped(stop, types.SimpleNamespace(global_rank=rank), "runs/x")
     if expected == "exit 0":

@@ -10,17 +10,18 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
 from utils.runtime.distributed import is_main_process
 
 
-def log(message: str) -> None:
-    """Print on the main process only, flushed (so that SLURM logs and pipes show it at once)."""
-    if is_main_process():
-        print(message, flush=True)
+def log(message: str, *, all_ranks: bool = False, file: TextIO | None = None) -> None:
+    """Print ``message`` on the main process only (on every process with ``all_ranks``), to ``file`` (default
+    stdout), flushed so that SLURM logs and pipes show it at once."""
+    if all_ranks or is_main_process():
+        print(message, file=file or sys.stdout, flush=True)
 
 
 def format_duration(seconds: float) -> str:

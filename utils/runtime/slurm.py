@@ -1,11 +1,12 @@
 """The scripts as submitit jobs (SLURM or the local executor): the job object, preemption and requeue, waiting.
 
-``run_with_submitit.py`` parses its own flags and submits a :class:`ScriptJob`; each task of the job imports the
-script and runs its whole body in-process (the same function its ``main`` calls).
+``run_with_submitit.py`` holds the table of scripts a job can run (a :class:`ScriptEntry` each: the script's
+``main(args)``, its parser and its flag checks), parses its own flags and submits a :class:`ScriptJob`; each task of
+the job runs the script's ``main`` on the parsed flags, in-process.
 
 Preemption and time limits: SLURM sends ``SIGUSR2`` (submitit's preemption signal, ``--signal=USR2@<delay>``) to
 every task. During pretraining ``utils.runtime.signals.StopRequest`` owns that signal: every rank finishes its step,
-rank 0 saves ``checkpoint.pth`` and ``train_dino`` returns a record with ``stop_signal``. Our handlers are gone by then
+rank 0 saves ``checkpoint.pth`` and the pretraining returns a record with ``stop_signal``. Our handlers are gone by then
 and submitit's are back, so rank 0 sends the signal to itself again: submitit calls :meth:`ScriptJob.checkpoint`, writes
 the returned submission and runs ``scontrol requeue``. The requeued job runs the same command, which resumes from
 ``--output_dir``. A signal that arrives outside the training loop goes straight to submitit (requeue at once; the
@@ -16,12 +17,14 @@ from its own per-epoch checkpoint).
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import submitit
@@ -29,14 +32,7 @@ from submitit.core.utils import DelayedSubmission, pickle_load
 
 from utils.runtime.distributed import slurm_port
 from utils.runtime.errors import UsageError
-
-#: The scripts a job can run: module name -> the function (of the parsed flags) that is the script's whole body.
-SCRIPTS: dict[str, str] = {
-    "main_dino": "train_dino",
-    "eval_knn": "main",
-    "eval_linear": "main",
-    "eval_stl10": "main",
-}
+from utils.runtime.monitoring import log
 
 #: The repository root (where the scripts live): put on the jobs' ``PYTHONPATH``.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -46,26 +42,42 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PREEMPT_WAIT_S = 5.0
 
 
-def script_parser(script: str) -> argparse.ArgumentParser:
-    """The script's own parser, whose errors raise :class:`UsageError` (one line) instead of exiting."""
-    if script not in SCRIPTS:
-        raise UsageError(f"unknown script {script!r} (choose from {', '.join(SCRIPTS)})")
-    parser = importlib.import_module(script).get_args_parser()
+@dataclass(frozen=True)
+class ScriptEntry:
+    """A script a job can run: ``main(args)`` runs its whole body on parsed flags (and returns its result),
+    ``get_args_parser()`` builds its parser, ``validate_args(args)`` (optional) checks the flags as the script does.
+    Functions, so that a job pickles them by reference and its tasks import the script by its name."""
 
-    def error(message: str):
-        raise UsageError(f"{script}.py: {message}")
+    name: str
+    main: Callable[[argparse.Namespace], Any]
+    get_args_parser: Callable[[], argparse.ArgumentParser]
+    validate_args: Callable[[argparse.Namespace], None] | None = None
 
-    parser.error = error  # type: ignore[method-assign]
-    return parser
+    @classmethod
+    def of(cls, module: ModuleType) -> ScriptEntry:
+        """The entry of a script module that exposes ``main(args)`` and ``get_args_parser()``. A script whose
+        ``main`` still parses ``argv`` (no ``cli`` beside it) runs through its body function under the old name."""
+        main = module.main if hasattr(module, "cli") else getattr(module, "train_dino", module.main)
+        name = module.__name__.rsplit(".", 1)[-1]
+        return cls(name, main, module.get_args_parser, getattr(module, "validate_args", None))
 
+    def parser(self) -> argparse.ArgumentParser:
+        """The script's own parser, whose errors raise :class:`UsageError` (one line) instead of exiting."""
+        parser = self.get_args_parser()
+        name = self.name
 
-def parse_script_args(script: str, argv: list[str]) -> argparse.Namespace:
-    """The script's flags, parsed and validated exactly as the script does it (``validate_args``)."""
-    args = script_parser(script).parse_args(argv)
-    validate = getattr(importlib.import_module(script), "validate_args", None)
-    if validate is not None:
-        validate(args)
-    return args
+        def error(message: str):
+            raise UsageError(f"{name}.py: {message}")
+
+        parser.error = error  # type: ignore[method-assign]
+        return parser
+
+    def parse(self, argv: list[str]) -> argparse.Namespace:
+        """The script's flags, parsed and validated exactly as the script does it."""
+        args = self.parser().parse_args(argv)
+        if self.validate_args is not None:
+            self.validate_args(args)
+        return args
 
 
 def preemption_signal() -> signal.Signals:
@@ -73,26 +85,26 @@ def preemption_signal() -> signal.Signals:
     return signal.Signals(submitit.JobEnvironment._usr_sig())
 
 
-def log(message: str) -> None:
-    print(f"[submitit job] {message}", file=sys.stderr, flush=True)
+def job_log(message: str) -> None:
+    """A line in the task's error log, on every rank (the job's own bookkeeping, not the script's output)."""
+    log(f"[submitit job] {message}", all_ranks=True, file=sys.stderr)
 
 
 class ScriptJob(submitit.helpers.Checkpointable):
-    """One task of a job: runs ``script`` with ``argv`` in this process; requeued (same flags) on preemption."""
+    """One task of a job: runs ``entry`` with ``argv`` in this process; requeued (same flags) on preemption."""
 
-    def __init__(self, script: str, argv: list[str]):
-        if script not in SCRIPTS:
-            raise UsageError(f"unknown script {script!r} (choose from {', '.join(SCRIPTS)})")
-        self.script = script
+    def __init__(self, entry: ScriptEntry, argv: list[str]):
+        self.entry = entry
+        self.script = entry.name
         self.argv = list(argv)
 
     def __call__(self) -> Any:
         env = submitit.JobEnvironment()
         forget_stale_result(env)
         export_rendezvous(env)
-        args = parse_script_args(self.script, self.argv)
-        log(f"{env}: running {self.script}.py {' '.join(self.argv)}")
-        result = getattr(importlib.import_module(self.script), SCRIPTS[self.script])(args)
+        args = self.entry.parse(self.argv)
+        job_log(f"{env}: running {self.script}.py {' '.join(self.argv)}")
+        result = self.entry.main(args)
         stop = result.get("stop_signal") if isinstance(result, dict) else None
         if stop:
             self.stopped(stop, env, getattr(args, "output_dir", "."))
@@ -100,7 +112,7 @@ class ScriptJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         """Called by submitit (rank 0) on preemption or time-out: resubmit the same command, which resumes."""
-        log(f"requeueing {self.script}: the next run resumes from its output folder")
+        job_log(f"requeueing {self.script}: the next run resumes from its output folder")
         return DelayedSubmission(self, *args, **kwargs)
 
     def stopped(self, stop: str, env: submitit.JobEnvironment, output_dir: str) -> None:
@@ -110,10 +122,10 @@ class ScriptJob(submitit.helpers.Checkpointable):
         the other ranks exit quietly (with status 0, so that ``srun --kill-on-bad-exit`` leaves rank 0 alone)."""
         sig = preemption_signal()
         if env.global_rank != 0:
-            log(f"rank {env.global_rank} stopped by {stop}; rank 0 requeues the job")
+            job_log(f"rank {env.global_rank} stopped by {stop}; rank 0 requeues the job")
             sys.exit(0)
         if stop == sig.name:
-            log(f"stopped by {stop} with a checkpoint in {output_dir}: asking submitit to requeue")
+            job_log(f"stopped by {stop} with a checkpoint in {output_dir}: asking submitit to requeue")
             os.kill(os.getpid(), sig)  # submitit's handler is back: it checkpoints, requeues and exits
         # A SIGTERM (scancel, or SLURM preempting in REQUEUE mode) may be followed by submitit's preemption signal.
         deadline = time.monotonic() + PREEMPT_WAIT_S
