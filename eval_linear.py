@@ -7,6 +7,13 @@ Default path (official): augmented images (RandomResizedCrop 0.6-1, flip) throug
 DDP on the linear layer, a checkpoint every epoch (a rerun resumes), validation top-1/top-5 every epoch.
 ``--cache_features``: features extracted once without augmentation, then one classifier per learning rate of
 ``--lrs`` trained in the same pass over the cached tensor; the best on validation is reported.
+
+Features (:func:`feature_selector`): the CLS tokens of the last ``--n_last_blocks`` blocks, plus the last block's
+mean patch token with ``--avgpool_patchtokens``. Both paths train with :func:`utils.eval.linear_probe.train_epoch`:
+SGD (momentum 0.9, lr scaled by global batch / 256) or Adam(W), lr decayed per epoch by a cosine to 0. The frozen
+backbone runs under ``--precision`` autocast; the classifier in fp32. ``log.txt`` gets one JSON line per epoch:
+``train_loss`` (mean over steps and processes), ``train_lr``, and the validation ``test_acc1``/``test_acc5``/
+``test_loss``.
 """
 
 from __future__ import annotations
@@ -291,7 +298,7 @@ def run_augmented(args, ctx, backbone) -> dict:
         meter = ProgressMeter(len(train_loader), f"Epoch [{epoch}/{args.epochs}]", ctx.device, args.print_freq)
         on_step = progress(meter, args.batch_size_per_gpu * ctx.world_size, lr)
         batches = frozen_features(backbone, selector, train_loader, ctx.device, precision)
-        train_loss = train_epoch(classifier, optimizer, batches, on_step).item()
+        train_loss = (all_reduce_sum(train_epoch(classifier, optimizer, batches, on_step)) / ctx.world_size).item()
         record = {"epoch": epoch, "train_loss": train_loss, "train_lr": lr}
         if (epoch + 1) % args.val_freq == 0 or epoch + 1 == args.epochs:
             classifier.eval()

@@ -127,7 +127,7 @@ def closeness(
         train: ``(N, D)`` output of :func:`prepare_train`.
         train_sq_norms: ``(N,)`` squared norms for euclidean, ``None`` for cosine.
         out: optional contiguous ``(B, N)`` buffer to write into (reusing one buffer across chunks avoids
-            page-faulting a fresh block every chunk, ~25% of the CPU time).
+            page-faulting a fresh block every chunk).
 
     Returns:
         ``(B, N)``: the cosine similarity, or for euclidean ``2 x.y - |y|^2 = |x|^2 - |x - y|^2`` (the squared
@@ -163,7 +163,7 @@ def _top_candidates(block: torch.Tensor, count: int, group: int) -> tuple[torch.
     The ``count`` groups with the largest maxima hold every value larger than the smallest of those maxima and at
     least ``count`` values not smaller, so the ``count`` largest values among their columns are the ``count``
     largest of the row (indices may differ only among equal values). One cheap ``amax`` pass replaces a full
-    ``topk`` pass over the block, roughly halving the selection time on CPU.
+    ``topk`` pass over the block.
 
     Args:
         block: ``(B, N)`` with contiguous rows; requires ``N >= count``.
