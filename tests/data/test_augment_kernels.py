@@ -1,5 +1,5 @@
-"""Compiled CPU kernels of the batched augmentation (utils/data/augment/kernels.py): each operation against torchvision's
-functional op on one image, the whole view against the tensor path, and when they are used."""
+"""Compiled CPU kernels of the batched augmentation (utils/data/augment/kernels.py): each operation against
+torchvision's functional op on one image, the whole view against the tensor path, and when they are used."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torchvision.transforms.v2.functional as TF
 from tests.data.test_batched_augment import hue_test_images
 from utils.data.augment import batched as batched_augment
 from utils.data.augment import kernels as augment_kernels
-from utils.data.augment.per_image import IMAGENET_MEAN, IMAGENET_STD
 from utils.data.augment.batched import SOLARIZE_THRESHOLD, BatchedMultiCrop, apply_view, sample_params
+from utils.data.augment.per_image import IMAGENET_MEAN, IMAGENET_STD
 
 pytestmark = pytest.mark.skipif(not augment_kernels.AVAILABLE, reason="the compiled kernels need numba")
 

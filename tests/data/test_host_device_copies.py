@@ -88,13 +88,13 @@ class FakeCache(torch.utils.data.Dataset):
         return self.images.clone().to(device)
 
 
-def accelerator_path_augment() -> BatchedMultiCrop:
+def accelerator_path_augment(batch: int = BATCH) -> BatchedMultiCrop:
     """The batched augmentation as it runs off the CPU: tensor operations, the whole batch at once, no workspace."""
     return BatchedMultiCrop(
         local_crops_number=LOCAL_CROPS,
         global_crop_size=32,
         local_crop_size=16,
-        chunk_size=BATCH,
+        chunk_size=batch,
         reuse_buffers=False,
         compiled=False,
     )

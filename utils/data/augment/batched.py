@@ -43,6 +43,7 @@ from utils.data.augment.color import (
     run_color_jitter,
     shift_hue,
 )
+from utils.data.augment.config import MultiCropConfig
 from utils.data.augment.params import JITTER_OPS, GeneratorLike, as_generator, sample_crop_boxes, sample_params
 from utils.data.augment.per_image import IMAGENET_MEAN, IMAGENET_STD
 from utils.data.augment.transfer import DevicePack, HostPack, Slot, to_device
@@ -437,40 +438,34 @@ class BatchedMultiCrop(nn.Module):
     ``[B, 3, S, S]`` (``global_crop_size`` for the first two, ``local_crop_size`` for the rest), the batched
     counterpart of :class:`utils.data.augment.per_image.DataAugmentationDINO` (same settings, same distributions;
     see the module docstring for the numerical differences). ``images``: uint8 ``[B, 3, H, W]`` on any device.
-    ``generator``: a :class:`torch.Generator` or an integer seed for the whole batch (e.g.
-    ``utils.runtime.rng.sample_seed(seed, epoch, rank, step)``); the output is a pure function of the images
-    and the seed (and of the generator's state for a generator).
 
+    Settings: a :class:`~utils.data.augment.config.MultiCropConfig` (or its settings, see
+    :meth:`~utils.data.augment.config.MultiCropConfig.coerce`). ``generator``: a :class:`torch.Generator` or an
+    integer seed for the whole batch (e.g. ``utils.runtime.rng.sample_seed(seed, epoch, rank, step)``); the output
+    is a pure function of the images and the seed (and of the generator's state for a generator).
     ``chunk_size``: samples processed together (default: :data:`CPU_CHUNK_PIXELS` worth on a CPU, the whole batch
-    elsewhere);
-    results do not depend on it. ``reuse_buffers``: on a CPU, keep the working tensors between chunks and calls
-    (a :class:`Workspace`, about 40 MB at the default sizes; one module per thread then). ``compiled``: on a CPU,
-    finish each view (height pass of the resize to normalisation) with the compiled kernels of
-    ``utils/data/augment/kernels.py``
-    (default ``None``: when Numba is installed; ``False``: tensor operations only); same results to float rounding.
+    elsewhere); results do not depend on it. ``reuse_buffers``: on a CPU, keep the working tensors between chunks
+    and calls (a :class:`Workspace`, about 40 MB at the default sizes; one module per thread then). ``compiled``: on
+    a CPU, finish each view (height pass of the resize to normalisation) with the compiled kernels of
+    ``utils/data/augment/kernels.py`` (default ``None``: when Numba is installed; ``False``: tensor operations
+    only); same results to float rounding.
     """
 
     def __init__(
         self,
-        global_crops_scale: tuple[float, float] = (0.4, 1.0),
-        local_crops_scale: tuple[float, float] = (0.08, 0.4),
-        local_crops_number: int = 2,
-        global_crop_size: int = 128,
-        local_crop_size: int = 64,
+        *config,
         interpolation: str = "bicubic",
         chunk_size: int | None = None,
         reuse_buffers: bool = True,
         compiled: bool | None = None,
+        **settings,
     ):
         super().__init__()
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        self.global_crops_scale = tuple(global_crops_scale)
-        self.local_crops_scale = tuple(local_crops_scale)
-        self.local_crops_number = int(local_crops_number)
-        self.global_crop_size, self.local_crop_size = int(global_crop_size), int(local_crop_size)
+        self.config = MultiCropConfig.coerce(*config, **settings)
         self.interpolation = interpolation
         self.chunk_size = chunk_size
         self.reuse_buffers = reuse_buffers
@@ -479,13 +474,13 @@ class BatchedMultiCrop(nn.Module):
 
     def view_configs(self) -> list[dict]:
         """Per view: output ``size`` and :func:`sample_params` keywords (scale, blur and solarisation probability)."""
-        global_size, local_size = self.global_crop_size, self.local_crop_size
+        cfg = self.config
         views = [
-            {"size": global_size, "scale": self.global_crops_scale, "blur_prob": 1.0, "solarize_prob": 0.0},
-            {"size": global_size, "scale": self.global_crops_scale, "blur_prob": 0.1, "solarize_prob": 0.2},
+            {"size": cfg.global_crop_size, "scale": cfg.global_crops_scale, "blur_prob": 1.0, "solarize_prob": 0.0},
+            {"size": cfg.global_crop_size, "scale": cfg.global_crops_scale, "blur_prob": 0.1, "solarize_prob": 0.2},
         ]
-        local = {"size": local_size, "scale": self.local_crops_scale, "blur_prob": 0.5, "solarize_prob": 0.0}
-        return views + [dict(local) for _ in range(self.local_crops_number)]
+        local = {"size": cfg.local_crop_size, "scale": cfg.local_crops_scale, "blur_prob": 0.5, "solarize_prob": 0.0}
+        return views + [dict(local) for _ in range(cfg.local_crops_number)]
 
     def sample_params(
         self, batch_size: int, generator: GeneratorLike, height: int = 64, width: int = 64
@@ -533,8 +528,4 @@ class BatchedMultiCrop(nn.Module):
         return self.apply(images, params, out)
 
     def extra_repr(self) -> str:
-        return (
-            f"global_crops_scale={self.global_crops_scale}, local_crops_scale={self.local_crops_scale}, "
-            f"local_crops_number={self.local_crops_number}, global_crop_size={self.global_crop_size}, "
-            f"local_crop_size={self.local_crop_size}, interpolation={self.interpolation!r}"
-        )
+        return f"{self.config}, interpolation={self.interpolation!r}"

@@ -1,21 +1,14 @@
-"""Compiled CPU kernels for the batched multi-crop augmentation (``utils/data/augment/batched.py``), with Numba.
+"""Compiled CPU kernels (Numba) for the batched multi-crop augmentation (``utils/data/augment/batched.py``).
 
-On a CPU the colour jitter, grayscale, blur, solarisation and normalisation of a view are a few dozen elementwise
-tensor operations per sample group, each a pass over memory (about 0.2 ns per element each, and the blur's grouped
-convolutions run at ~3 GMAC/s). :func:`finish_views` does all of them in one compiled loop over the samples, every
-sample's pixels staying in the cache from the first operation to the normalised output, each sample with its own
-parameters and its own jitter order (so no sorting of samples either). It computes what the tensor path
-(:func:`utils.data.augment.color.color_jitter` and the rest) computes, in float32, with the same formulas; results agree
-to float rounding (``tests/data/test_batched_augment.py`` and ``tests/data/test_augment_kernels.py`` compare both paths with
-torchvision's functional ops).
-
-The crop + resize's first pass, along the width, stays a batched matrix product
-(:func:`utils.data.augment.batched.resize_width`); its second pass, along the height, is done here with only the nonzero
-weights of each output row (4 source rows for a bicubic enlargement, instead of a dense product over all of them).
+:func:`finish_views` finishes a view sample by sample in one compiled loop, each sample with its own parameters and
+its own jitter order: the resize's height pass (only the nonzero weights of each output row; the width pass stays a
+batched matrix product, :func:`utils.data.augment.batched.resize_width`), colour jitter, grayscale, Gaussian blur,
+solarisation and normalisation. Same formulas in float32 as the tensor path (``utils/data/augment/color.py`` and
+``batched.py``); both are compared with torchvision's functional ops in ``tests/data/test_augment_kernels.py``.
 
 Numba is optional: :data:`AVAILABLE` is false without it and the tensor path is used. The kernels are compiled on
-first use (a few seconds) and cached on disk (``__pycache__``); they release the GIL (``nogil``), so that a
-prefetching thread can run them alongside the training step.
+first use and cached on disk (``__pycache__``); they release the GIL (``nogil``), so that a prefetching thread can
+run them alongside the training step.
 """
 
 from __future__ import annotations
@@ -34,7 +27,7 @@ __all__ = ["AVAILABLE", "finish_views"]
 #: Whether the compiled kernels can be used (Numba importable).
 AVAILABLE = numba is not None
 
-# torchvision's grey level (utils/batched_color.GRAY_WEIGHTS), as float32 like the tensor path's scalars
+# torchvision's grey level (utils.data.augment.color.GRAY_WEIGHTS), as float32 like the tensor path's scalars
 _GR, _GG, _GB = np.float32(0.2989), np.float32(0.587), np.float32(0.114)
 
 

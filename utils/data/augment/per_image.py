@@ -7,6 +7,8 @@ import random
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms
 
+from utils.data.augment.config import MultiCropConfig
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -45,16 +47,12 @@ class DataAugmentationDINO:
     with p 0.8, grayscale p 0.2, Gaussian blur (p 1.0 on global view 1, 0.1 on global view 2, 0.5 on local views),
     solarisation p 0.2 on global view 2, ImageNet normalisation. Returns a list of ``2 + n`` tensors
     ``[3, S, S]`` with ``S = global_crop_size`` for the first two and ``local_crop_size`` for the rest.
+    Settings: a :class:`~utils.data.augment.config.MultiCropConfig` (or its settings, see
+    :meth:`~utils.data.augment.config.MultiCropConfig.coerce`).
     """
 
-    def __init__(
-        self,
-        global_crops_scale: tuple[float, float] = (0.4, 1.0),
-        local_crops_scale: tuple[float, float] = (0.08, 0.4),
-        local_crops_number: int = 2,
-        global_crop_size: int = 128,
-        local_crop_size: int = 64,
-    ):
+    def __init__(self, *config, **settings):
+        self.config = cfg = MultiCropConfig.coerce(*config, **settings)
         flip_and_color_jitter = transforms.Compose(
             [
                 transforms.RandomHorizontalFlip(p=0.5),
@@ -67,22 +65,18 @@ class DataAugmentationDINO:
         def crop(size: int, scale: tuple[float, float]) -> transforms.RandomResizedCrop:
             return transforms.RandomResizedCrop(size, scale=tuple(scale), interpolation=bicubic)
 
+        global_crop = (cfg.global_crop_size, cfg.global_crops_scale)
         self.global_transform1 = transforms.Compose(
-            [crop(global_crop_size, global_crops_scale), flip_and_color_jitter, RandomGaussianBlur(1.0), normalize()]
+            [crop(*global_crop), flip_and_color_jitter, RandomGaussianBlur(1.0), normalize()]
         )
         self.global_transform2 = transforms.Compose(
-            [
-                crop(global_crop_size, global_crops_scale),
-                flip_and_color_jitter,
-                RandomGaussianBlur(0.1),
-                RandomSolarize(0.2),
-                normalize(),
-            ]
+            [crop(*global_crop), flip_and_color_jitter, RandomGaussianBlur(0.1), RandomSolarize(0.2), normalize()]
         )
+        local_crop = (cfg.local_crop_size, cfg.local_crops_scale)
         self.local_transform = transforms.Compose(
-            [crop(local_crop_size, local_crops_scale), flip_and_color_jitter, RandomGaussianBlur(0.5), normalize()]
+            [crop(*local_crop), flip_and_color_jitter, RandomGaussianBlur(0.5), normalize()]
         )
-        self.local_crops_number = local_crops_number
+        self.local_crops_number = cfg.local_crops_number
 
     def __call__(self, image: Image.Image) -> list:
         image = image.convert("RGB")

@@ -1,0 +1,69 @@
+"""DINO's multi-crop settings as one object, taken by both augmentation paths (per image and batched)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+__all__ = ["MultiCropConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MultiCropConfig:
+    """Two global crops of ``global_crop_size`` px whose area is a fraction in ``global_crops_scale`` of the image,
+    and ``local_crops_number`` local crops of ``local_crop_size`` px with area fraction in ``local_crops_scale``
+    (official DINO's ``--global_crops_scale``, ``--local_crops_scale``, ``--local_crops_number``; crop sizes in
+    pixels)."""
+
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_scale: tuple[float, float] = (0.08, 0.4)
+    local_crops_number: int = 2
+    global_crop_size: int = 128
+    local_crop_size: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("global_crops_scale", "local_crops_scale"):
+            scale = tuple(float(v) for v in getattr(self, name))
+            if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+                raise ValueError(f"{name} must be two area fractions 0 < min <= max <= 1, got {scale}")
+            object.__setattr__(self, name, scale)
+        if self.local_crops_number < 0:
+            raise ValueError(f"local_crops_number must be >= 0, got {self.local_crops_number}")
+        if self.global_crop_size < 1 or self.local_crop_size < 1:
+            raise ValueError(f"crop sizes must be positive, got {self.global_crop_size}, {self.local_crop_size}")
+        object.__setattr__(self, "local_crops_number", int(self.local_crops_number))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> MultiCropConfig:
+        """The settings of a parsed command line (``main_dino.py``'s flags of the same names)."""
+        return cls(
+            global_crops_scale=tuple(args.global_crops_scale),
+            local_crops_scale=tuple(args.local_crops_scale),
+            local_crops_number=args.local_crops_number,
+            global_crop_size=args.global_crop_size,
+            local_crop_size=args.local_crop_size,
+        )
+
+    @classmethod
+    def coerce(cls, *args, **kwargs) -> MultiCropConfig:
+        """A config given as itself, or as its settings: keywords, or positionally in field order
+        (``global_crops_scale, local_crops_scale, local_crops_number, global_crop_size, local_crop_size``)."""
+        if args and isinstance(args[0], MultiCropConfig):
+            if len(args) > 1 or kwargs:
+                raise TypeError("pass either a MultiCropConfig or its settings, not both")
+            return args[0]
+        if len(args) > len(FIELDS):
+            raise TypeError(f"at most {len(FIELDS)} positional settings ({', '.join(FIELDS)}), got {len(args)}")
+        clash = set(FIELDS[: len(args)]) & set(kwargs)
+        if clash:
+            raise TypeError(f"settings given twice: {sorted(clash)}")
+        return cls(**dict(zip(FIELDS, args)), **kwargs)
+
+    @property
+    def n_views(self) -> int:
+        """Views per image: 2 global + the local ones."""
+        return 2 + self.local_crops_number
+
+
+#: The settings' names, in the order of the positional form accepted by :meth:`MultiCropConfig.coerce`.
+FIELDS = ("global_crops_scale", "local_crops_scale", "local_crops_number", "global_crop_size", "local_crop_size")
