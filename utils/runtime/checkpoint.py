@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from utils.runtime.errors import CheckpointError, UnsafeCheckpointError
+from utils.runtime.files import fsync_path
 
 #: Plain containers that the official DINO checkpoints hold besides tensors, safe to rebuild without running code.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -39,21 +40,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)
 
 
 def load_checkpoint(path: str | os.PathLike, trust: bool = False, map_location: str = "cpu") -> Any:
