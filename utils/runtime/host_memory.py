@@ -3,10 +3,8 @@
 glibc's ``malloc`` serves each allocation above ``M_MMAP_THRESHOLD`` (128 KiB at start, raised as large blocks are
 freed, at most 32 MiB) with a fresh anonymous mapping that ``free`` unmaps again, and it gives the top of its heap
 back to the system once more than ``M_TRIM_THRESHOLD`` of it is free. Memory handed back is mapped afresh on the
-next allocation, and the first write to each of its 4 KiB pages is a page fault: measured on the 2-core CPU of the
-README, about 0.2 ms per MiB — every step of CPU training allocates its activations (hundreds of MiB) anew:
-keeping freed memory made a ViT-Tiny step at batch 32 12-18% faster there (``benchmarks/bench_train_step.py
---host_memory retain|default``) and the batched augmentation about 17% faster.
+next allocation, and the first write to each of its 4 KiB pages is a page fault; every step of CPU training
+allocates its activations anew.
 
 :func:`retain_freed_memory` raises both thresholds (``mallopt``), so that freed blocks stay in the heap and are
 reused without faults: what the jemalloc or tcmalloc preloads of PyTorch's CPU performance guide achieve, without a
