@@ -1,8 +1,7 @@
 """Benchmark DINO's multi-crop augmentation: the per-image PIL pipeline vs the batched tensor pipeline, one core.
 
 (a) ``per_image``: :class:`utils.data.augment.per_image.DataAugmentationDINO` (the official recipe) called on every
-    image of a list
-    of decoded 64 x 64 PIL images held in memory, as a data-loader worker would;
+    image of a list of decoded 64 x 64 PIL images held in memory, as a data-loader worker would;
 (b) ``batched``: :class:`utils.data.augment.batched.BatchedMultiCrop` on the same images as one uint8 tensor
     ``[N, 3, 64, 64]``, called once per batch of ``--batch-size`` images with an integer seed per batch.
 
@@ -48,6 +47,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks.bench_common import add_host_memory_flag, emit_report  # noqa: E402
 from utils.data.augment.batched import BatchedMultiCrop, uses_compiled_kernels  # noqa: E402
+from utils.data.augment.config import MultiCropConfig  # noqa: E402
 from utils.data.augment.per_image import DataAugmentationDINO  # noqa: E402
 from utils.data.synthetic import SYNTHETIC_CLASSES, render_sample  # noqa: E402
 from utils.runtime.host_memory import configure_host_memory  # noqa: E402
@@ -90,15 +90,15 @@ def run_batched(augment: BatchedMultiCrop, images: torch.Tensor, batch_size: int
 
 def time_methods(cfg: dict) -> dict[str, dict[str, list[float]]]:
     """Wall and CPU seconds of each method over the whole image set: one warm-up, then ``repeats`` rounds."""
-    crops = {
-        "local_crops_number": cfg["local_crops_number"],
-        "global_crop_size": cfg["global_crop_size"],
-        "local_crop_size": cfg["local_crop_size"],
-    }
-    per_image = DataAugmentationDINO(**crops)
-    batched = BatchedMultiCrop(**crops, interpolation=cfg["interpolation"], chunk_size=cfg["chunk_size"])
+    crops = MultiCropConfig(
+        local_crops_number=cfg["local_crops_number"],
+        global_crop_size=cfg["global_crop_size"],
+        local_crop_size=cfg["local_crop_size"],
+    )
+    per_image = DataAugmentationDINO(crops)
+    batched = BatchedMultiCrop(crops, interpolation=cfg["interpolation"], chunk_size=cfg["chunk_size"])
     tensor_ops = BatchedMultiCrop(
-        **crops, interpolation=cfg["interpolation"], chunk_size=cfg["chunk_size"], compiled=False
+        crops, interpolation=cfg["interpolation"], chunk_size=cfg["chunk_size"], compiled=False
     )
     pil_images, images = make_images(cfg["num_images"], cfg["image_size"], cfg["seed"])
     random.seed(cfg["seed"])
