@@ -129,3 +129,35 @@ def test_the_spy_sees_copies_and_reads(monkeypatch):
         x.to(torch.float64)  # a dtype change is no transfer
     assert spy.transfers == [16, 8]
     assert spy.scalar_reads == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("images_on_device", [False, True])
+def test_on_cuda_no_synchronisation_and_the_cpu_results(monkeypatch, images_on_device):
+    """On a real GPU: batches made with PyTorch's synchronisation check set to error (a blocking copy or a read of a
+    device value raises), prefetched on a side stream, equal to the same batches made on the CPU."""
+    device = torch.device("cuda")
+    cache = FakeCache()
+
+    def loader(on: torch.device, prefetch: int) -> CachedMultiCropLoader:
+        sampler = ResumableSampler(cache, num_replicas=1, rank=0, seed=0)
+        on_device = images_on_device and on.type == "cuda"
+        augment = accelerator_path_augment()
+        return CachedMultiCropLoader(cache, sampler, BATCH, augment, on, 0, 0, on_device, prefetch=prefetch)
+
+    expected = [crops for crops, _, _ in loader(torch.device("cpu"), 0)]
+    # full float32 matmuls and convolutions (TF32 would differ from the CPU by ~1e-3)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    batches = iter(loader(device, 1))
+    first, _, _ = next(batches)  # cached tables made on the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [first] + [crops for crops, _, _ in batches]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(got) == len(expected)
+    for crops_gpu, crops_cpu in zip(got, expected, strict=True):
+        for a, b in zip(crops_gpu, crops_cpu, strict=True):
+            torch.testing.assert_close(a.cpu(), b, atol=1e-4, rtol=0)

@@ -56,6 +56,8 @@ class Prefetcher:
             raise ValueError(f"depth must be at least 1, got {depth}")
         self.device = torch.device(device)
         self._cuda = self.device.type == "cuda"
+        if self._cuda and self.device.index is None:  # the thread's own current device is not the caller's
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
