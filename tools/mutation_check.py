@@ -2,9 +2,9 @@
 a fast test fail.
 
 Every mutant names a library file, an exact source fragment that occurs there once, and its replacement. For each
-mutant the tracked and untracked-but-not-ignored files of the working tree are copied to a temporary folder (the
-working tree itself is never modified), the fragment is replaced there, and the mutant's own test selection runs in
-that copy (``--all-tests``: the whole fast suite). A mutant is
+mutant the working tree's files (without ``.git``, ``.venv``, caches, ``runs/`` and ``data/``) are copied to a
+temporary folder (the working tree itself is never modified), the fragment is replaced there, and the mutant's own
+test selection runs in that copy (``--all-tests``: the whole fast suite). A mutant is
 
 * ``killed`` when a test fails (the first failing test is reported),
 * ``survived`` when every test passes,
@@ -148,8 +148,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "ema_weight_inverted",
         "utils/train/optim.py",
-        "torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)",
-        "torch._foreach_lerp_(teacher_params, student_params, momentum)",
+        "torch._foreach_lerp_(teacher_params, student_params, [student_weight] * len(teacher_params))",
+        "torch._foreach_lerp_(teacher_params, student_params, [1 - student_weight] * len(teacher_params))",
         (f"{TRAIN}::test_teacher_is_the_official_ema_of_the_student",),
         ci=True,
     ),
@@ -234,21 +234,35 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "linear_probe_ignores_n_last_blocks",
-        "utils/eval/linear_probe.py",
-        "layers = model.get_intermediate_layers(images, n_last_blocks)",
-        "layers = model.get_intermediate_layers(images, 1) * n_last_blocks",
+        "eval_linear.py",
+        "TokenFeatures(n_last_blocks=args.n_last_blocks,",
+        "TokenFeatures(n_last_blocks=1,",
         (f"{EVAL}::test_linear_probe_features_follow_n_last_blocks_and_avgpool",),
     ),
     Mutant(
-        "linear_probe_avgpool_includes_cls",
-        "utils/eval/linear_probe.py",
-        "parts.append(layers[-1][:, model.num_prefix_tokens :].mean(dim=1))",
-        "parts.append(layers[-1].mean(dim=1))",
+        "linear_probe_ignores_avgpool",
+        "eval_linear.py",
+        "avgpool_patchtokens=args.avgpool_patchtokens)",
+        "avgpool_patchtokens=False)",
+        (f"{EVAL}::test_linear_probe_features_follow_n_last_blocks_and_avgpool",),
+    ),
+    Mutant(
+        "token_features_one_block_repeated",
+        "utils/eval/features.py",
+        "blocks = model.get_intermediate_layers(images, self.n_last_blocks)",
+        "blocks = model.get_intermediate_layers(images, 1) * self.n_last_blocks",
+        (f"{EVAL}::test_linear_probe_features_follow_n_last_blocks_and_avgpool",),
+    ),
+    Mutant(
+        "token_features_avgpool_includes_cls",
+        "utils/eval/features.py",
+        "parts.append(blocks[-1][:, prefix:].mean(dim=1))",
+        "parts.append(blocks[-1].mean(dim=1))",
         (f"{EVAL}::test_linear_probe_features_follow_n_last_blocks_and_avgpool",),
     ),
     Mutant(
         "val_relayout_wrong_column",
-        "utils/data/folders.py",
+        "utils/data/tinyimagenet.py",
         "fname, wnid = fields[0].strip(), fields[1].strip()",
         "fname, wnid = fields[0].strip(), fields[-1].strip()",
         (DATA,),
@@ -282,15 +296,22 @@ class Result:
     tests: list[str] = field(default_factory=list)
 
 
+#: Folders never copied: git's, the virtual environment, caches, and the top level's run outputs and datasets.
+SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache"}
+SKIP_TOP_DIRS = {"runs", "data"}
+SKIP_SUFFIXES = (".pyc", ".nbi", ".nbc")  # bytecode and Numba caches (tied to the original paths)
+
+
 def repository_files(root: Path) -> list[str]:
-    """Tracked files plus untracked ones that git does not ignore (new tests before their commit)."""
-    out = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=root,
-        check=True,
-        capture_output=True,
-    ).stdout
-    return sorted({name for name in out.decode().split("\0") if name and (root / name).is_file()})
+    """The working tree's files, as they are now (new files of any helper too), without git's folder, the virtual
+    environment, caches and the top level's ``runs/`` and ``data/``. (git's ignore rules would drop ``utils/data/``'s
+    new files: ``.gitignore`` ignores every ``data/`` folder.)"""
+    files = []
+    for folder, dirs, names in os.walk(root):
+        rel = Path(folder).relative_to(root)
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not (rel == Path(".") and d in SKIP_TOP_DIRS))
+        files += [str(rel / name) for name in names if not name.endswith(SKIP_SUFFIXES)]
+    return sorted(files)
 
 
 def copy_tree(root: Path, files: list[str], dest: Path) -> None:
@@ -319,6 +340,14 @@ FAILED_LINE = re.compile(r"^(FAILED|ERROR) (\S+)")
 def failing_tests(output: str) -> list[str]:
     """Node ids of the ``FAILED``/``ERROR`` lines of pytest's short summary (``-rfE``)."""
     return [m.group(2) for line in output.splitlines() if (m := FAILED_LINE.match(line.strip()))]
+
+
+def error_summary(output: str, failed: list[str]) -> str:
+    """The first ``E   ...`` line of pytest's output (what went wrong), else the last line."""
+    errors = [line[1:].strip() for line in output.splitlines() if line.startswith("E   ")]
+    where = f"{failed[0]}: " if failed else ""
+    lines = output.strip().splitlines()
+    return where + (errors[0] if errors else lines[-1] if lines else "no output")[:200]
 
 
 def run_pytest(copy: Path, tests: list[str], timeout: float, stop_first: bool, deselect: list[str]) -> tuple[int, str]:
@@ -364,8 +393,7 @@ def check_mutant(
             elif code == 5:
                 result.killer = "no test collected (check the test selection)"
             else:
-                tail = " | ".join(output.strip().splitlines()[-3:])
-                result.killer = f"pytest exit {code} ({failed[0] if failed else tail})"
+                result.killer = f"pytest exit {code}: {error_summary(output, failed)}"
             if keep and result.status != "killed":
                 (ROOT.parent / f"mutant-{mutant.name}.log").write_text(output)
     result.seconds = round(time.monotonic() - start, 1)

@@ -4,14 +4,16 @@ features against a ViT forward written out block by block."""
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import eval_linear
+
 from utils.eval.knn import knn_classifier, knn_predict
-from utils.eval.linear_probe import linear_features
 from utils.model.vit import build_backbone
 
 
@@ -94,7 +96,8 @@ def test_knn_top5_with_one_neighbour_counts_only_the_voted_class():
 def test_linear_probe_features_follow_n_last_blocks_and_avgpool(n, avgpool):
     """Official eval_linear: the CLS tokens of the last ``--n_last_blocks`` blocks (each through the final norm),
     concatenated oldest block first; with ``--avgpool_patchtokens`` also the mean of the last block's patch tokens
-    (CLS excluded). Reference: the blocks run one by one with timm's modules."""
+    (CLS excluded). Reference: the blocks run one by one with timm's modules. Through ``eval_linear.py``'s own
+    choice of features from its flags."""
     torch.manual_seed(0)
     model = build_backbone("vit_tiny", 16, 32).eval()
     x = torch.randn(2, 3, 32, 48)
@@ -108,4 +111,5 @@ def test_linear_probe_features_follow_n_last_blocks_and_avgpool(n, avgpool):
         if avgpool:
             parts.append(normed[-1][:, 1:].mean(dim=1))
         expected = torch.cat(parts, dim=-1)
-        torch.testing.assert_close(linear_features(model, x, n, avgpool), expected)
+        flags = argparse.Namespace(n_last_blocks=n, avgpool_patchtokens=avgpool)
+        torch.testing.assert_close(eval_linear.feature_selector(flags)(model, x), expected)
