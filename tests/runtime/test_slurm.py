@@ -273,6 +273,28 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm, small_syntheti
 
 @pytest.mark.slow
 @pytest.mark.slurm
+@pytest.mark.distributed
+def test_slurm_job_that_builds_the_image_cache_with_a_decode_pool_completes(
+    slurm, small_synthetic, tmp_path, monkeypatch
+):
+    """Rank 0 of a 2-task job builds the image cache with a 2-process decode pool (forced on for this small dataset:
+    TINYDINO_CACHE_WORKERS, which the job inherits from the submission) while submitit's signal handlers are
+    installed, and rank 1 waits at the barrier. The job must finish (issue 17: the pool's workers inherited
+    submitit's SIGTERM handler, one ignored the pool's terminate and the job hung until its time limit)."""
+    monkeypatch.setenv("TINYDINO_CACHE_WORKERS", "2")
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    flags = [*pretrain_flags(small_synthetic, out), "--cache_dir", str(cache), "--cache_images", "on"]
+    job = submit([*CPU_JOB, "--tasks_per_node", "2", *flags])
+    try:
+        record = wait_for_job(job, timeout_s=300)
+    finally:
+        cancel(job)
+    assert "(2 process(es))" in task_log(job, "err"), task_log(job, "err")  # the pool did decode the images
+    assert record["epoch"] == 0 and logged_epochs(out) == [0]
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_slurm_runtime_failure_reaches_the_user(slurm, tmp_path, capsys):
     start = time.time()
     argv = [*CPU_JOB, "--tasks_per_node", "2", "--wait", *pretrain_flags(tmp_path / "missing", tmp_path / "out")]

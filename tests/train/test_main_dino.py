@@ -138,6 +138,20 @@ def test_two_process_gloo_run_completes(small_synthetic, tmp_path):
     assert load_checkpoint(out / "checkpoint.pth")["global_iter"] == 10  # 40 images / (4 x 2) per iteration
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_run_that_builds_the_image_cache_with_a_decode_pool_completes(small_synthetic, tmp_path):
+    """Rank 0 builds the cache with a 2-process decode pool (forced on for this small dataset) while rank 1 waits at
+    the barrier; the run must finish, the pool's workers joined (issue 17: a hang until the time limit)."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    flags = ["--data_path", str(small_synthetic), "--output_dir", str(out), "--cache_dir", str(cache)]
+    flags += ["--cache_images", "on", "--epochs", "1", "--knn_every", "0", "--batch_size_per_gpu", "4"]
+    result = run_script(["main_dino.py", *TINY_TRAIN_FLAGS, *flags], nproc=2, env={"TINYDINO_CACHE_WORKERS": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(2 process(es))" in result.stderr, result.stderr[-3000:]  # the pool did decode the images
+    assert [r["epoch"] for r in read_log(out)] == [0]
+
+
 def test_attn_every_writes_attention_images_to_tensorboard(small_synthetic, tmp_path):
     out = tmp_path / "attn"
     flags = [
