@@ -3,11 +3,13 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import eval_linear
 from utils.eval.features import TokenFeatures
 from utils.eval.linear_probe import LinearClassifierGrid, topk_correct, train_epoch, train_grid_on_features
 from utils.model.vit import build_backbone
+from utils.runtime.monitoring import ProgressMeter
 
 
 def overlapping_clusters(n_train, n_val, dim=24, classes=6):
@@ -182,3 +184,44 @@ def test_lrs_without_cache_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         eval_linear.cli(["--lrs", "0.1", "1"])
     assert exc.value.code == 2 and "--cache_features" in capsys.readouterr().err
+
+
+class CountScalarReads(TorchDispatchMode):
+    """Counts device-to-host scalar reads (``.item()``, ``float(t)``, ``bool(t)`` go through _local_scalar_dense)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_probe_training_reads_the_loss_only_at_print_steps():
+    """10 steps printed every 5: two host reads of the loss (steps 5 and 10), none on the other steps."""
+    grid = LinearClassifierGrid(6, 3, n_heads=1)
+    optimizer = torch.optim.SGD(grid.parameters(), lr=0.1, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 6, generator=generator), torch.tensor([0, 1, 2, 0])) for _ in range(10)]
+    meter = ProgressMeter(len(batches), "Epoch [0/1]", torch.device("cpu"), print_freq=5)
+    with CountScalarReads() as counter:
+        loss = eval_linear.train_epoch(grid, optimizer, batches, eval_linear.progress(meter, 4, 0.1))
+    assert counter.reads == 2
+    assert meter.done == 10 and loss.ndim == 0
+
+
+def test_frozen_backbone_runs_under_the_precision_autocast():
+    seen = []
+
+    def selector(backbone, images):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return backbone(images)
+
+    loader = [(torch.randn(2, 5), torch.tensor([0, 1]))]
+    backbone = torch.nn.Linear(5, 3)
+    for precision, expected in (("bf16", (True, torch.bfloat16)), ("fp32", (False, None))):
+        seen.clear()
+        (features, labels), *_ = eval_linear.frozen_features(backbone, selector, loader, torch.device("cpu"), precision)
+        assert seen[0][0] == expected[0] and (expected[1] is None or seen[0][1] == expected[1])
+        assert features.dtype == torch.float32 and not features.requires_grad
