@@ -16,8 +16,9 @@ approximation that few-shot papers report. It is slightly narrow for few episode
 instead of 1.96 for 10 episodes); with one episode the interval is undefined (NaN, ``null`` in JSON).
 
 Linear probe (:func:`linear_probe`): multinomial logistic regression ``softmax(W x + b)`` on the standardised
-cached features (no augmentation, unlike DINO's ``eval_linear.py`` which trains on augmented crops), trained
-full-batch with L-BFGS in float64 from zero (a convex problem, hence deterministic) on the loss
+cached features (no augmentation, unlike DINO's ``eval_linear.py`` which trains on augmented crops), trained by the
+linear-probe trainer (:func:`utils.eval.linear_probe.train_epoch`) full-batch with L-BFGS in float64 from zero (a
+convex problem, hence deterministic) on the loss
 ``mean cross-entropy + weight_decay / 2 * ||W||^2``. This is scikit-learn's ``LogisticRegression(C=1 / (weight_decay
 * N))``. The weight decay is picked among candidates by top-1 on a stratified, seeded hold-out part of the
 training set (ties: the larger weight decay), then the classifier is refitted on the whole training set.
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.eval.knn import knn_predict
+from utils.eval.linear_probe import LinearClassifierGrid, train_epoch
 
 __all__ = [
     "FEWSHOT_METHODS",
@@ -209,14 +211,18 @@ class LinearProbeResult:
 def train_logistic_regression(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float, max_iter: int = 500
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W [C, D], b [C])`` minimising ``mean CE(x W^T + b, y) + weight_decay / 2 * ||W||^2`` (full-batch L-BFGS
-    with strong-Wolfe line search, float64, from zero; the bias is not penalised)."""
+    """``(W [C, D], b [C])`` minimising ``mean CE(x W^T + b, y) + weight_decay / 2 * ||W||^2``: one linear head
+    from zero in float64, one full-batch L-BFGS step (strong-Wolfe line search) of the linear-probe trainer
+    :func:`utils.eval.linear_probe.train_epoch`; the bias is not penalised."""
     x = x.double()
     y = y.long().to(x.device)
-    weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, device=x.device, requires_grad=True)
+    grid = LinearClassifierGrid(x.shape[1], num_classes, n_heads=1).to(device=x.device, dtype=torch.float64)
+    head = grid.heads[0].linear
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
     optimizer = torch.optim.LBFGS(
-        [weight, bias],
+        grid.parameters(),
         lr=1.0,
         max_iter=max_iter,
         max_eval=max_iter * 2,
@@ -225,16 +231,9 @@ def train_logistic_regression(
         history_size=20,
         line_search_fn="strong_wolfe",
     )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(F.linear(x, weight, bias), y) + 0.5 * weight_decay * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
     with torch.enable_grad():
-        optimizer.step(closure)
-    return weight.detach(), bias.detach()
+        train_epoch(grid, optimizer, [(x, y)], penalty=lambda: 0.5 * weight_decay * head.weight.pow(2).sum())
+    return head.weight.detach(), head.bias.detach()
 
 
 def _topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:

@@ -81,28 +81,49 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One pass of the linear-probe trainer: for each ``(features [B, D], labels [B])`` batch, the
-    :func:`grid_loss` of ``classifier`` (a :class:`LinearClassifierGrid`, possibly DDP-wrapped) is minimised by one
-    ``optimizer`` step. ``on_step(step, loss)`` gets the 1-based step and the batch's loss averaged over heads (a 0-d
-    device tensor: nothing is read back to the host here). Returns the mean of that loss over the epoch's steps, a
-    0-d device tensor (0 for no batch)."""
+    """One pass of the linear-probe trainer: for each ``(features [B, D], labels [B])`` batch, one
+    ``optimizer.step(closure)`` on the objective :func:`grid_loss` of ``classifier`` (a :class:`LinearClassifierGrid`,
+    possibly DDP-wrapped) plus ``penalty()`` when given. SGD and Adam(W) evaluate the closure once per step; L-BFGS
+    (full-batch, one batch) as often as its line search needs.
+
+    ``on_step(step, loss)`` gets the 1-based step and the objective at the start of the step divided by the number
+    of heads (a 0-d device tensor: nothing is read back to the host here). Returns the mean of that value over the
+    epoch's steps, a 0-d device tensor (0 for no batch)."""
     grid = classifier.module if hasattr(classifier, "module") else classifier
     n_heads = len(grid.heads)
     total, steps = None, 0
     for features, labels in batches:
-        loss = grid_loss(classifier(features), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        objective = optimizer.step(_closure(classifier, optimizer, features, labels, penalty))
         steps += 1
-        head_mean = loss.detach() / n_heads
+        head_mean = objective.detach() / n_heads
         total = head_mean if total is None else total + head_mean
         if on_step is not None:
             on_step(steps, head_mean)
     if total is None:
         return torch.zeros((), device=grid.heads[0].linear.weight.device)
     return total / steps
+
+
+def _closure(
+    classifier: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    penalty: Callable[[], torch.Tensor] | None,
+) -> Callable[[], torch.Tensor]:
+    """The objective of one batch with its gradients, as ``optimizer.step`` wants it."""
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        objective = grid_loss(classifier(features), labels)
+        if penalty is not None:
+            objective = objective + penalty()
+        objective.backward()
+        return objective
+
+    return closure
 
 
 def build_grid(
