@@ -17,7 +17,7 @@ from PIL import Image
 
 import eval_stl10
 from tests.conftest import run_script
-from utils.data.folders import DatasetError
+from utils.data.stl10 import STL10Binary, download_stl10, stl10_transform, write_stl10_binary
 from utils.eval.features import TokenFeatures, extract_features
 from utils.eval.fewshot import (
     confidence_interval,
@@ -29,8 +29,8 @@ from utils.eval.fewshot import (
     train_logistic_regression,
 )
 from utils.model.vit import build_backbone
-from utils.data.stl10 import STL10Binary, download_stl10, stl10_transform, write_stl10_binary
 from utils.model.weights import build_pretrained_backbone
+from utils.runtime.errors import DatasetError
 
 S = 96  # STL-10 image side
 

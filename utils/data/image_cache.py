@@ -1,11 +1,15 @@
 """A decoded-image cache: decode a dataset's JPEGs once into a memory-mapped uint8 array on disk.
 
-Decoding small JPEGs costs more CPU than the rest of a small model's input pipeline; TinyImageNet's 100 000
-training images are only 1.2 GB decoded (64x64x3 uint8). ``build_image_cache`` decodes every image of a file list
-once (in parallel) into ``images.npy``; ``CachedImages`` reads it back memory-mapped, so later epochs and later runs
-decode no JPEG, and a batched augmentation can take uint8 batches ``[B, 3, H, W]`` straight from it.
+``build_image_cache`` decodes every image of a file list once (in parallel) into ``images.npy``; ``CachedImages``
+reads it back memory-mapped, so later epochs and later runs decode no JPEG, and a batched augmentation can take
+uint8 batches ``[B, 3, H, W]`` straight from it.
 
-Layout of a cache folder (default ``<data_path>/.tinydino_cache/``, see ``default_cache_dir``)::
+Where: never inside the dataset. ``default_cache_dir(data_path)`` is a per-user folder,
+``$XDG_CACHE_HOME/tinydino/<dataset folder name>-<hash of its absolute path>/`` (``~/.cache/tinydino/...`` when
+``XDG_CACHE_HOME`` is unset or relative); ``--cache_dir`` replaces it. A read-only dataset is therefore cached like
+any other.
+
+Layout of a cache folder::
 
     <cache_dir>/<name>-<key[:16]>/      one entry: ``name`` says which dataset (e.g. "train"), key which version
         images.npy                      uint8 [N, 3, H, W] (NCHW: the layout batches are consumed in)
@@ -28,6 +32,11 @@ Rules:
   complete (manifest last), so an interrupted build never leaves an entry that looks valid; its leftovers are
   removed by the next build. Concurrent builds (e.g. several DDP ranks) are safe, just wasteful: the first rename
   wins and the others use its result. Better: build on rank 0, barrier, then open on every rank.
+* **Decode processes.** ``num_workers`` processes (default ``default_num_workers()``; the environment variable
+  ``TINYDINO_CACHE_WORKERS`` sets it instead), fed chunks of at most 128 images; a list of one chunk is decoded
+  in-process unless ``TINYDINO_CACHE_WORKERS`` is set, which splits the list so that every process gets work. The
+  processes reset the handlers of SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 to the defaults (a handler inherited from
+  the parent, e.g. one that ignores SIGTERM, never keeps them alive); a finished pool is closed and joined.
 * **Unreadable images are skipped.** A file PIL cannot open or decode (corrupt, truncated, vanished) is left out
   with a warning giving the count; the cache's length is the number of good images, ``CachedImages.indices`` maps
   rows back to the sample list and the manifest lists the skipped files.
@@ -41,6 +50,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import sys
@@ -55,11 +65,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils.runtime.errors import DatasetError
+from utils.data.download import progress_bar
+from utils.runtime.errors import DatasetError, UsageError
 
 __all__ = [
     "FORMAT_VERSION",
-    "CACHE_DIR_NAME",
+    "WORKERS_ENV",
     "CachedImages",
     "build_image_cache",
     "cache_key",
@@ -69,7 +80,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-CACHE_DIR_NAME = ".tinydino_cache"  # hidden, so ImageFolder does not take it for a class folder
+WORKERS_ENV = "TINYDINO_CACHE_WORKERS"  # decode processes; set, it also splits a small list over all of them
 _MANIFEST = "manifest.json"
 _IMAGES = "images.npy"
 _LABELS = "labels.npy"
@@ -83,9 +94,21 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 
+def user_cache_root() -> Path:
+    """``$XDG_CACHE_HOME/tinydino``, or ``~/.cache/tinydino`` when ``XDG_CACHE_HOME`` is unset or not absolute."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "tinydino"
+
+
 def default_cache_dir(data_path) -> Path:
-    """``<data_path>/.tinydino_cache``: the cache folder used when no explicit one is given."""
-    return Path(data_path).expanduser() / CACHE_DIR_NAME
+    """The cache folder of the dataset at ``data_path`` when no explicit one is given (outside the dataset).
+
+    ``<user_cache_root()>/<folder name>-<first 12 hex digits of the SHA-256 of its resolved absolute path>``: one
+    folder per dataset, the same however the path is spelled (relative, trailing slash, through a symlink).
+    """
+    path = Path(data_path).expanduser().resolve()
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", path.name) or "data"
+    return user_cache_root() / f"{name}-{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
 
 
 def default_num_workers() -> int:
@@ -191,40 +214,24 @@ def _mp_context():
     return multiprocessing.get_context("fork" if "fork" in methods and sys.platform != "darwin" else "spawn")
 
 
-class _Progress:
-    """Prints ``caching <name>: n/total (p%) r img/s ETA m:ss`` to stderr every ``interval`` seconds and at the end."""
-
-    def __init__(self, total: int, desc: str, enabled: bool = True, interval: float = 5.0):
-        self.total, self.desc, self.enabled, self.interval = total, desc, enabled, interval
-        self.n = 0
-        self.start = self._last = time.monotonic()
-
-    def update(self, n: int) -> None:
-        self.n += n
-        now = time.monotonic()
-        if now - self._last >= self.interval:
-            self._last = now
-            self._print(now)
-
-    def close(self) -> None:
-        self._print(time.monotonic(), final=True)
-
-    def _print(self, now: float, final: bool = False) -> None:
-        if not self.enabled:
-            return
-        elapsed = max(now - self.start, 1e-9)
-        rate = self.n / elapsed
-        tail = f"in {elapsed:.1f} s" if final else f"ETA {_duration((self.total - self.n) / rate if rate else -1)}"
-        pct = 100.0 * self.n / max(self.total, 1)
-        print(f"{self.desc}: {self.n}/{self.total} ({pct:.1f}%) {rate:.0f} img/s {tail}", file=sys.stderr, flush=True)
+def _reset_signal_handlers() -> None:
+    """Pool initializer: the default action for the signals a parent (a job launcher, our own stop handling) may
+    have installed handlers for, so ``terminate()`` and Ctrl-C end a worker whatever the parent did."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 0:
-        return "?"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+def _worker_count(num_workers: int | None) -> tuple[int, bool]:
+    """``(processes, forced)``: ``num_workers``, else ``$TINYDINO_CACHE_WORKERS`` (forced: split small lists too),
+    else ``default_num_workers()``."""
+    if num_workers is not None:
+        return max(0, int(num_workers)), False
+    value = os.environ.get(WORKERS_ENV, "").strip()
+    if not value:
+        return default_num_workers(), False
+    if not value.isdigit():
+        raise UsageError(f"{WORKERS_ENV} must be a whole number of processes (0: decode in-process), got {value!r}")
+    return int(value), True
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -314,10 +321,14 @@ def _remove_other_entries(cache_dir: Path, name: str, keep: Path) -> None:
 
 
 def _decode_all(
-    npy_path: Path, paths: list[str], size: tuple[int, int], num_workers: int, progress: _Progress
+    npy_path: Path, paths: list[str], size: tuple[int, int], num_workers: int, split: bool, progress
 ) -> dict[int, str]:
-    """Decode every path into its row of ``npy_path``; return {row: error} of the images that failed."""
-    tasks = [(str(npy_path), s, paths[s : s + _CHUNK], size) for s in range(0, len(paths), _CHUNK)]
+    """Decode every path into its row of ``npy_path``; return {row: error} of the images that failed.
+
+    Chunks of at most ``_CHUNK`` images; ``split``: small enough that each of the ``num_workers`` processes gets one.
+    """
+    chunk = min(_CHUNK, -(-len(paths) // max(num_workers, 1))) if split else _CHUNK
+    tasks = [(str(npy_path), s, paths[s : s + chunk], size) for s in range(0, len(paths), chunk)]
     errors: dict[int, str] = {}
 
     def consume(results: Iterable[list[tuple[int, str | None]]]) -> None:
@@ -329,13 +340,15 @@ def _decode_all(
     if workers <= 1:
         consume(map(_decode_chunk, tasks))
         return errors
-    pool = _mp_context().Pool(workers)
+    pool = _mp_context().Pool(workers, initializer=_reset_signal_handlers)
     try:
         consume(pool.imap_unordered(_decode_chunk, tasks))
-        pool.close()
-    finally:
+    except BaseException:
         pool.terminate()
         pool.join()
+        raise
+    pool.close()
+    pool.join()
     return errors
 
 
@@ -364,8 +377,9 @@ def build_image_cache(
 
     ``samples`` is a list of ``(path, label)`` such as ``ImageFolder.samples``. When a valid entry for the current
     key exists it is returned without decoding anything (only every file is stat'ed). Otherwise every image is
-    decoded (``num_workers`` processes, default ``default_num_workers()``; a single chunk is decoded in-process,
-    ``0`` or ``1`` means in-process) into a new entry, which replaces the older entries of ``name``.
+    decoded (``num_workers`` processes; ``None``: ``$TINYDINO_CACHE_WORKERS`` when set, else
+    ``default_num_workers()``; ``0`` or ``1``: in-process) into a new entry, which replaces the older entries of
+    ``name``.
 
     ``image_size``: ``None`` (size of the first readable image), an int (square) or ``(H, W)``; every image is stored
     at that size. ``root``: the folder paths are made relative to for the key (default: their common folder).
@@ -395,7 +409,7 @@ def build_image_cache(
         paths = [p for p, _ in samples]
         n = len(paths)
         size = size if size is not None else _first_image_size(paths)
-        workers = default_num_workers() if num_workers is None else max(0, int(num_workers))
+        workers, forced = _worker_count(num_workers)
         if verbose:
             print(
                 f"caching {n} images of {name!r} at {size[0]}x{size[1]} into {entry} ({max(workers, 1)} process(es))",
@@ -404,9 +418,8 @@ def build_image_cache(
             )
         full = tmp / "images.full.npy"
         np.lib.format.open_memmap(full, mode="w+", dtype=np.uint8, shape=(n, 3, *size)).flush()
-        progress = _Progress(n, f"caching {name}", enabled=verbose)
-        errors = _decode_all(full, paths, size, workers, progress)
-        progress.close()
+        with progress_bar(n, f"caching {name}", unit="img", enabled=verbose) as progress:
+            errors = _decode_all(full, paths, size, workers, forced, progress)
 
         keep = np.array([i for i in range(n) if i not in errors], dtype=np.int64)
         if len(keep) == 0:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from utils.data.folders import download_tiny_imagenet
-from utils.runtime.distributed import barrier
 from utils.data.synthetic import generate_synthetic_dataset
+from utils.data.tinyimagenet import download_tiny_imagenet
+from utils.runtime.distributed import barrier
 from utils.runtime.errors import DatasetError
 
 DEFAULT_DATA_PATHS = {"folder": "data/tiny-imagenet-200", "synthetic": "data/synthetic"}

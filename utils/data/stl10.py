@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from utils.data.augment.per_image import normalize, to_rgb
-from utils.data.folders import download_url, make_progress
+from utils.data.download import download_url, progress_bar
 from utils.runtime.errors import DatasetError
 
 __all__ = [
@@ -255,7 +255,7 @@ def _extract_archive(archive: Path, root: Path) -> None:
     try:
         with (
             open(archive, "rb") as raw,
-            make_progress(archive.stat().st_size, f"extracting {archive.name}") as bar,
+            progress_bar(archive.stat().st_size, f"extracting {archive.name}") as bar,
             tarfile.open(fileobj=_CountingReader(raw, bar), mode="r|gz") as tar,
         ):
             for member in tar:

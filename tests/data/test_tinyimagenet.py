@@ -1,25 +1,24 @@
-"""Tests for utils/data/folders.py on a miniature TinyImageNet written in the real on-disk layout (no internet)."""
+"""TinyImageNet preparation (utils/data/tinyimagenet.py): a miniature release written in the real on-disk layout, and
+the real 10-class subset zip of the release beside the project; never the network."""
+
+from __future__ import annotations
 
 import hashlib
 import io
-import os
+import shutil
+import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from utils.data import folders as datasets
-from utils.data.folders import (
-    DatasetError,
-    FlatImageFolder,
-    build_image_dataset,
-    download_tiny_imagenet,
-    has_labels,
-    relayout_tiny_imagenet_val,
-)
+import main_dino
+from utils.data import download, tinyimagenet
+from utils.data.folders import build_image_dataset, has_labels
+from utils.data.tinyimagenet import download_tiny_imagenet, relayout_tiny_imagenet_val
+from utils.runtime.errors import DatasetError
 
 WNIDS = ["n01443537", "n01629819", "n02124075"]  # goldfish, European fire salamander, Egyptian cat
 WORDS = {
@@ -147,7 +146,7 @@ def test_relayout_second_run_changes_nothing(tiny):
 
 def test_relayout_interrupted_midway_completes_on_rerun(tiny, monkeypatch):
     root, truth = tiny
-    real_move = datasets._move
+    real_move = tinyimagenet._move
     calls = {"n": 0}
 
     def crashing_move(src, dst):
@@ -156,7 +155,7 @@ def test_relayout_interrupted_midway_completes_on_rerun(tiny, monkeypatch):
         calls["n"] += 1
         real_move(src, dst)
 
-    monkeypatch.setattr(datasets, "_move", crashing_move)
+    monkeypatch.setattr(tinyimagenet, "_move", crashing_move)
     with pytest.raises(KeyboardInterrupt):
         relayout_tiny_imagenet_val(root)
     # after the crash: every image exists exactly once (in images/ or in its class folder), none lost
@@ -166,7 +165,7 @@ def test_relayout_interrupted_midway_completes_on_rerun(tiny, monkeypatch):
     assert len(placed) == 3 and len(left) == N_VAL - 3
     assert sorted(left + placed) == sorted(truth)
 
-    monkeypatch.setattr(datasets, "_move", real_move)
+    monkeypatch.setattr(tinyimagenet, "_move", real_move)
     assert relayout_tiny_imagenet_val(root) == N_VAL - 3
     _assert_val_placed(root, truth)
 
@@ -231,27 +230,26 @@ def _zip_tree(src_root: Path, zip_path: Path) -> None:
 
 @pytest.fixture
 def served_zip(tmp_path, monkeypatch):
-    """A zip of the miniature dataset served through a file:// URL set as TINY_IMAGENET_URL; the own printer is used."""
+    """A zip of the miniature dataset served through a file:// URL set as TINY_IMAGENET_URL."""
     src = tmp_path / "remote_src" / "tiny-imagenet-200"
     truth = _make_tiny_imagenet(src)["val"]
     zip_path = tmp_path / "remote" / "tiny-imagenet-200.zip"
     _zip_tree(src, zip_path)
-    monkeypatch.setattr(datasets, "TINY_IMAGENET_URL", zip_path.as_uri())
-    monkeypatch.setattr(datasets, "_tqdm", None)
+    monkeypatch.setattr(tinyimagenet, "TINY_IMAGENET_URL", zip_path.as_uri())
     return zip_path, truth
 
 
 def test_download_tiny_imagenet_end_to_end(tmp_path, served_zip, monkeypatch, capsys):
     zip_src, truth = served_zip
     root = tmp_path / "data" / "tiny-imagenet-200"
-    real_download = datasets.download_url
+    real_download = tinyimagenet.download_url
     calls = []
 
     def counting_download(url, dest, **kw):
         calls.append(url)
         return real_download(url, dest, chunk_size=1024)
 
-    monkeypatch.setattr(datasets, "download_url", counting_download)
+    monkeypatch.setattr(tinyimagenet, "download_url", counting_download)
     assert download_tiny_imagenet(root) == root
     assert calls == [zip_src.as_uri()]
     zip_path = tmp_path / "data" / "tiny-imagenet-200.zip"
@@ -259,8 +257,10 @@ def test_download_tiny_imagenet_end_to_end(tmp_path, served_zip, monkeypatch, ca
     assert not (tmp_path / "data" / "tiny-imagenet-200.zip.part").exists()
     assert not (tmp_path / "data" / ".tiny-imagenet-200.extracting").exists()
     err = capsys.readouterr().err
-    assert "downloading tiny-imagenet-200.zip" in err and "100.0%" in err and "MB/s" in err and "ETA" in err
-    assert "extracting tiny-imagenet-200.zip" in err and "files" in err
+    size = f"{zip_src.stat().st_size / 1024:.3g}k"  # tqdm's byte count: binary prefix, 3 significant digits
+    assert "downloading tiny-imagenet-200.zip: 100%" in err and f"{size}/{size}" in err, err
+    n_members = len(zipfile.ZipFile(zip_src).infolist())
+    assert "extracting tiny-imagenet-200.zip: 100%" in err and f"{n_members}/{n_members}" in err
     for name in ("wnids.txt", "words.txt", "val/val_annotations.txt"):
         assert (root / name).is_file()
     for wnid in WNIDS:
@@ -288,7 +288,7 @@ def test_download_reuses_existing_zip_and_custom_root_name(tmp_path, served_zip,
     def no_download(*a, **kw):
         raise AssertionError("must not download when a valid zip exists")
 
-    monkeypatch.setattr(datasets, "download_url", no_download)
+    monkeypatch.setattr(tinyimagenet, "download_url", no_download)
     root = data / "tin"  # root name differs from the folder inside the zip
     (data / ".tin.extracting" / "tiny-imagenet-200").mkdir(parents=True)  # left over by an interrupted extraction
     (data / ".tin.extracting" / "junk.txt").write_text("x")
@@ -310,22 +310,28 @@ def test_download_replaces_invalid_zip(tmp_path, served_zip):
 
 def test_download_of_extracted_but_not_relaid_out_only_relayouts(tiny, monkeypatch):
     root, truth = tiny
-    monkeypatch.setattr(datasets, "download_url", lambda *a, **kw: pytest.fail("downloaded"))
+    monkeypatch.setattr(tinyimagenet, "download_url", lambda *a, **kw: pytest.fail("downloaded"))
     download_tiny_imagenet(root)
     _assert_val_placed(root, truth)
 
 
-def test_download_with_tqdm_if_installed(tmp_path, served_zip, monkeypatch, capsys):
-    tqdm = pytest.importorskip("tqdm")
-    zip_src, _ = served_zip
-    monkeypatch.setattr(datasets, "_tqdm", tqdm.tqdm)
-    dest = datasets.download_url(zip_src.as_uri(), tmp_path / "copy.zip", chunk_size=512)
-    assert dest.read_bytes() == zip_src.read_bytes()
-    assert "copy.zip" in capsys.readouterr().err
+def test_download_uses_a_zip_named_after_the_folder(tmp_path, served_zip, monkeypatch):
+    """A subset of the release in its format, ``<name>.zip`` beside ``--data_path <parent>/<name>``: used as is."""
+    zip_src, truth = served_zip
+    data = tmp_path / "data"
+    data.mkdir()
+    subset_zip = data / "tiny-imagenet-3.zip"
+    subset_zip.write_bytes(zip_src.read_bytes())  # its top folder is tiny-imagenet-200/, as in the release
+    (data / "tiny-imagenet-200.zip").write_bytes(b"PK junk: the folder's own zip comes first")
+    monkeypatch.setattr(tinyimagenet, "download_url", lambda *a, **kw: pytest.fail("downloaded"))
+    root = download_tiny_imagenet(data / "tiny-imagenet-3")
+    _assert_val_placed(root, truth)
+    assert subset_zip.read_bytes() == zip_src.read_bytes(), "the zip is kept"
 
 
 def test_download_failure_says_where_to_put_the_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "TINY_IMAGENET_URL", (tmp_path / "nowhere.zip").as_uri())
+    unreachable = tmp_path / "unreachable" / "tiny-imagenet-200.zip"
+    monkeypatch.setattr(tinyimagenet, "TINY_IMAGENET_URL", unreachable.as_uri())
     root = tmp_path / "data" / "tiny-imagenet-200"
     with pytest.raises(DatasetError) as info:
         download_tiny_imagenet(root)
@@ -339,11 +345,10 @@ def test_download_url_truncated_transfer_is_an_error(tmp_path, monkeypatch):
     class FakeResponse(io.BytesIO):
         headers = {"Content-Length": "100"}
 
-    monkeypatch.setattr(datasets.urllib.request, "urlopen", lambda url, timeout: FakeResponse(b"x" * 40))
-    monkeypatch.setattr(datasets, "_tqdm", None)
+    monkeypatch.setattr(download.urllib.request, "urlopen", lambda url, timeout: FakeResponse(b"x" * 40))
     dest = tmp_path / "f.zip"
     with pytest.raises(DatasetError, match="40 of 100 bytes"):
-        datasets.download_url("http://example.invalid/f.zip", dest)
+        download.download_url("http://example.invalid/f.zip", dest)
     assert not dest.exists() and not (tmp_path / "f.zip.part").exists()
 
 
@@ -352,38 +357,6 @@ def test_download_refuses_non_empty_incomplete_root(tmp_path, served_zip):
     (root / "train").mkdir(parents=True)  # e.g. a half-finished manual unzip
     with pytest.raises(DatasetError, match="delete it"):
         download_tiny_imagenet(root)
-
-
-def test_text_progress_format():
-    class Stream(io.StringIO):
-        def isatty(self):
-            return False
-
-    stream = Stream()
-    bar = datasets._TextProgress(total=4_000_000, desc="dl", unit="B", stream=stream)
-    bar.update(1_000_000)  # first update prints immediately
-    bar.update(3_000_000)  # throttled (non-tty: at most every 10 s)
-    bar.close()
-    bar.close()  # idempotent
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == 2
-    assert lines[0].startswith("dl:  25.0% 1.0/4.0 MB ") and "MB/s ETA " in lines[0]
-    assert lines[1].startswith("dl: 100.0% 4.0/4.0 MB ") and lines[1].endswith("ETA 0:00")
-    stream = Stream()
-    with datasets._TextProgress(total=None, desc="x", unit="files", stream=stream) as bar:
-        bar.update(7)
-    assert stream.getvalue().splitlines()[-1] == "x: 7 files"
-    assert datasets._format_duration(3725) == "1:02:05" and datasets._format_duration(65) == "1:05"
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# build_image_dataset
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def _write_image(path: Path, seed: int = 0, size=(10, 6)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (seed % 256, 20, 30)).save(path)
 
 
 def test_build_tiny_imagenet_root(tiny):
@@ -407,121 +380,57 @@ def test_build_relayouts_tiny_imagenet_val_on_the_fly(tiny, capsys):
     assert "re-laying out" in capsys.readouterr().err
 
 
-def test_build_plain_imagefolder_root(tmp_path):
-    root = tmp_path / "pets"
-    for c, cls in enumerate(["cat", "dog"]):
-        for i in range(2):
-            _write_image(root / cls / f"{i}.png", seed=10 * c + i)
-    _write_image(root / "dog" / "nested" / "deep.JPG")  # ImageFolder walks sub-folders, extension case-insensitive
-    (root / "dog" / "notes.txt").write_text("not an image")
-    (root / "dog" / "._0.png").write_bytes(b"macOS resource fork")  # hidden: skipped
-    (root / ".ipynb_checkpoints").mkdir()  # hidden folder: not a class
-    _write_image(root / "loose.png")  # loose top-level image: ignored by ImageFolder
-    transform_calls = []
+# ------------------------------------------------------------------------------------------------------------------
+# the real subset zip, through main_dino.py --download
+# ------------------------------------------------------------------------------------------------------------------
 
-    def transform(img):
-        transform_calls.append(img.size)
-        return torch.zeros(3)
+REAL_ZIP = Path(__file__).resolve().parents[3] / "shared" / "data" / "tiny-imagenet-10.zip"
 
-    ds = build_image_dataset(root, transform=transform)
-    assert isinstance(ds, ImageFolder) and ds.classes == ["cat", "dog"]
-    assert [(Path(p).relative_to(root).as_posix(), t) for p, t in ds.samples] == [
-        ("cat/0.png", 0),
-        ("cat/1.png", 0),
-        ("dog/0.png", 1),
-        ("dog/1.png", 1),
-        ("dog/nested/deep.JPG", 1),
-    ]
-    x, y = ds[4]
-    assert torch.equal(x, torch.zeros(3)) and y == 1 and transform_calls == [(10, 6)]
-    assert has_labels(ds)
-    assert has_labels(torch.utils.data.Subset(ds, [0, 1]))
-    assert build_image_dataset(root, "val") is None  # no val split: caller skips k-NN
+TINY_RUN = [
+    "--arch", "vit_tiny", "--patch_size", "16", "--global_crop_size", "32", "--local_crop_size", "16",
+    "--out_dim", "64", "--batch_size_per_gpu", "8", "--num_workers", "0", "--warmup_epochs", "1",
+    "--epochs", "1", "--max_iters", "1", "--print_freq", "1", "--knn_every", "0",
+]  # fmt: skip
 
 
-def test_build_split_folder_with_flat_images(tmp_path):
-    root = tmp_path / "d"
-    _write_image(root / "train" / "b.jpg")
-    _write_image(root / "train" / "a.jpeg")
-    ds = build_image_dataset(root, "train")
-    assert isinstance(ds, FlatImageFolder)
-    assert [Path(p).name for p, _ in ds.samples] == ["a.jpeg", "b.jpg"]
+def _val_truth(zip_path: Path) -> dict[str, tuple[str, str]]:
+    """{file name: (wnid, sha1 of the bytes)} for every val image, read from the zip's own val_annotations.txt."""
+    truth = {}
+    with zipfile.ZipFile(zip_path) as zf:
+        names = zf.namelist()
+        (annotations,) = [n for n in names if n.endswith("val/val_annotations.txt")]
+        top = annotations[: -len("val/val_annotations.txt")]
+        for line in zf.read(annotations).decode().splitlines():
+            if line.strip():
+                fname, wnid = line.split("\t")[:2]
+                truth[fname] = (wnid, hashlib.sha1(zf.read(f"{top}val/images/{fname}")).hexdigest())
+    return truth
 
 
-def test_build_flat_folder_of_unlabelled_images(tmp_path):
-    root = tmp_path / "flat"
-    for i in (2, 0, 1):
-        _write_image(root / f"img_{i}.png", seed=i, size=(5 + i, 4))
-    (root / "readme.txt").write_text("x")
-    (root / "empty_subfolder").mkdir()
-    ds = build_image_dataset(root, transform=lambda im: im.size)
-    assert isinstance(ds, FlatImageFolder)
-    assert len(ds) == 3 and ds.classes == [] and ds.class_to_idx == {}
-    assert ds.samples == [(str(root / f"img_{i}.png"), -1) for i in range(3)]
-    assert ds.targets == [-1, -1, -1]
-    assert ds[2] == ((7, 4), -1)
-    assert not has_labels(ds)
-    assert build_image_dataset(root, "val") is None
-    raw = FlatImageFolder(root)
-    image, target = raw[0]
-    assert isinstance(image, Image.Image) and image.mode == "RGB" and target == -1
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_ZIP.is_file(), reason=f"{REAL_ZIP} (beside the project) is not here")
+def test_main_dino_download_prepares_the_real_subset_zip(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the zip is already where the download puts it: nothing may be fetched")
 
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    data = tmp_path / "X"
+    data.mkdir()
+    shutil.copy(REAL_ZIP, data / "tiny-imagenet-10.zip")
+    root = data / "tiny-imagenet-10"
+    flags = [*TINY_RUN, "--data_path", str(root), "--download", "--output_dir", str(tmp_path / "out")]
+    assert main_dino.main(flags) == 0
 
-def test_build_missing_path(tmp_path):
-    missing = tmp_path / "nope"
-    with pytest.raises(DatasetError) as info:
-        build_image_dataset(missing)
-    msg = str(info.value)
-    assert str(missing) in msg and "--download" in msg and "--dataset synthetic" in msg and "\n" not in msg
-    with pytest.raises(DatasetError, match="--download"):
-        build_image_dataset(missing, "val")
-
-
-def test_build_empty_folder(tmp_path):
-    empty = tmp_path / "empty"
-    (empty / "sub").mkdir(parents=True)
-    (empty / "sub" / "notes.txt").write_text("no images here")
-    with pytest.raises(DatasetError, match="no images in"):
-        build_image_dataset(empty)
-    (empty / "train").mkdir()
-    with pytest.raises(DatasetError, match="no images in .*train"):
-        build_image_dataset(empty, "train")
-    with pytest.raises(DatasetError, match="no images"):
-        FlatImageFolder(empty)
-
-
-def test_build_empty_class_folder_is_a_dataset_error(tmp_path):
-    root = tmp_path / "d"
-    _write_image(root / "cat" / "0.png")
-    (root / "dog").mkdir()
-    with pytest.raises(DatasetError, match="dog"):
-        build_image_dataset(root)
-
-
-def test_build_val_without_train_is_an_error(tmp_path):
-    root = tmp_path / "d"
-    _write_image(root / "val" / "cat" / "0.png")
-    with pytest.raises(DatasetError, match="no train/"):
-        build_image_dataset(root, "train")
-    assert len(build_image_dataset(root, "val")) == 1
-
-
-def test_build_path_is_a_file(tmp_path):
-    f = tmp_path / "x.png"
-    _write_image(f)
-    with pytest.raises(DatasetError, match="not a folder"):
-        build_image_dataset(f)
-
-
-def test_has_labels_edge_cases(tmp_path):
-    root = tmp_path / "one"
-    _write_image(root / "only" / "0.png")
-    assert not has_labels(build_image_dataset(root))  # a single class is no label information
-    assert not has_labels(None)
-    assert not has_labels(torch.utils.data.TensorDataset(torch.zeros(2)))
-
-
-def test_image_extensions():
-    assert ".jpeg" in datasets.IMG_EXTENSIONS and ".png" in datasets.IMG_EXTENSIONS
-    assert datasets._is_image_file("a/b/X.JPEG") and not datasets._is_image_file("a/b/boxes.txt")
-    assert not datasets._is_image_file(os.path.join("d", ".hidden.jpg"))
+    truth = _val_truth(REAL_ZIP)
+    assert len(truth) == 500 and len({wnid for wnid, _ in truth.values()}) == 10
+    val = root / "val"
+    assert not (val / "images").exists()
+    assert sorted(p.name for p in val.iterdir() if p.is_dir()) == sorted({wnid for wnid, _ in truth.values()})
+    placed = {p.name: (p.parent.name, hashlib.sha1(p.read_bytes()).hexdigest()) for p in val.glob("*/*")}
+    assert placed == truth, "every val image sits in the class folder val_annotations.txt names, bytes unchanged"
+    # torchvision reads both splits with one class -> label mapping
+    train_set, val_set = ImageFolder(str(root / "train")), ImageFolder(str(val))
+    assert train_set.class_to_idx == val_set.class_to_idx and len(train_set) == 5000 and len(val_set) == 500
+    for path, label in val_set.samples:
+        assert val_set.classes[label] == truth[Path(path).name][0]
