@@ -61,3 +61,21 @@ def test_eval_linear_two_processes_equal_one(small_synthetic, tiny_checkpoint, t
     assert not torch.equal(weights[1]["linear.bias"], initial)  # it trained
     for key in weights[1]:
         torch.testing.assert_close(weights[2][key], weights[1][key], rtol=1e-4, atol=1e-6)
+
+
+def test_eval_linear_cached_two_processes_equal_one(small_synthetic, tiny_checkpoint, tmp_path):
+    """The unpatched script: the features are extracted by both processes and gathered in dataset order, then the
+    main process sweeps the learning rates alone, so both runs train on the same features."""
+    results, heads = {}, {}
+    for nproc in (1, 2):
+        out = tmp_path / f"p{nproc}"
+        flags = [*common_flags(small_synthetic, tiny_checkpoint), "--num_workers", "0", "--device", "cpu"]
+        flags += ["--batch_size_per_gpu", "8", "--cache_features", "--lrs", "0.1", "1", "10", "--epochs", "3"]
+        result = run_script(["eval_linear.py", *flags, "--output_dir", str(out)], nproc=nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[nproc] = json.loads((out / "linear_results.json").read_text().splitlines()[-1])
+        heads[nproc] = torch.load(out / "linear_best.pth", weights_only=True)
+    assert set(results[1]["per_lr"]) == {"0.1", "1.0", "10.0"}
+    assert results[2]["per_lr"] == results[1]["per_lr"] and results[2]["best_lr"] == results[1]["best_lr"]
+    for key, value in heads[1]["state_dict"].items():
+        torch.testing.assert_close(heads[2]["state_dict"][key], value, rtol=1e-4, atol=1e-5)
