@@ -17,8 +17,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NETGUARD_DIR = ROOT / "tests" / "netguard"
-#: The session's scratch folder for caches that libraries write (removed at the end of the session).
-SESSION_DIR = Path(tempfile.mkdtemp(prefix="tinydino-tests-"))
+#: The session's scratch folder for caches that libraries write (removed at the end of the session). Created once:
+#: this module is imported twice (as ``conftest`` by pytest, as ``tests.conftest`` by tests), and the processes the
+#: tests start inherit it.
+SESSION_ENV = "TINYDINO_TEST_SESSION_DIR"
+if not os.environ.get(SESSION_ENV):
+    os.environ[SESSION_ENV] = tempfile.mkdtemp(prefix="tinydino-tests-")
+SESSION_DIR = Path(os.environ[SESSION_ENV])
 NETWORK_LOG = SESSION_DIR / "network-attempts.log"
 
 os.environ.update(
@@ -29,7 +34,9 @@ os.environ.update(
     NUMBA_CACHE_DIR=str(SESSION_DIR / "numba"),
     MPLCONFIGDIR=str(SESSION_DIR / "matplotlib"),
     TINYDINO_NETWORK_LOG=str(NETWORK_LOG),
-    PYTHONPATH=os.pathsep.join([str(NETGUARD_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    PYTHONPATH=os.pathsep.join(
+        dict.fromkeys([str(NETGUARD_DIR), *filter(None, os.getenv("PYTHONPATH", "").split(os.pathsep))])
+    ),
 )
 sys.path.insert(0, str(NETGUARD_DIR))
 import netguard  # noqa: E402
