@@ -1,7 +1,8 @@
 """The image cache's multi-process decode pool under a parent that ignores SIGTERM (as submitit's handler does).
 
 Forked workers inherit the parent's signal handlers; a pool that is ``terminate()``-d sends SIGTERM to workers that
-may then ignore it and never exit, and the build hangs in ``join()``. The build must finish regardless.
+may then ignore it and never exit, and the build hangs in ``join()``. The build must finish regardless, and a worker
+that dies must make the build fail, not wait forever. Each build runs in a child process with a time limit.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from utils.data.synthetic import generate_synthetic_dataset
 ROOT = Path(__file__).resolve().parents[2]
 BUILDS = 10  # the hang is a race (it needs a worker still alive at terminate()); several builds make it near-certain
 
+#: The child: a SIGTERM handler that ignores the signal, then ``argv[3]`` builds of the cache of ``argv[1]``.
 CHILD = textwrap.dedent(
     """
     import os, signal, sys
+    import record_pids
     from utils.data import image_cache
     from utils.data.folders import build_image_dataset
 
@@ -34,11 +37,30 @@ CHILD = textwrap.dedent(
         print("Bypassing signal SIGTERM", flush=True)
 
     signal.signal(signal.SIGTERM, bypass)
+    print("parent", os.getpid(), flush=True)
     dataset = build_image_dataset(sys.argv[1], "train")
     for i in range(int(sys.argv[3])):
         cached = image_cache.cached_image_dataset(dataset, f"{sys.argv[2]}/{i}", name="train", verbose=False)
         print("built", i, len(cached), flush=True)
-    print("parent", os.getpid(), flush=True)
+    """
+)
+
+#: Imported by the child: records which processes decode (a file per pid); kills the decoding process on the file
+#: named by ``D1_KILL_ON`` when it is a worker (not the parent), as the OOM killer or a scheduler would.
+RECORD_PIDS = textwrap.dedent(
+    """
+    import os, signal
+    from utils.data import image_cache
+    real = image_cache._decode_image
+    parent = os.getpid()
+
+    def recording(path, size):
+        open(os.path.join(os.environ["D1_PID_DIR"], str(os.getpid())), "a").close()
+        if os.getpid() != parent and os.path.basename(path) == os.environ.get("D1_KILL_ON"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, size)
+
+    image_cache._decode_image = recording
     """
 )
 
@@ -48,37 +70,23 @@ def synthetic(tmp_path_factory) -> Path:
     return generate_synthetic_dataset(tmp_path_factory.mktemp("pool_data"), train_per_class=3, val_per_class=1)
 
 
-def test_forced_pool_finishes_under_a_parent_that_ignores_sigterm(synthetic, tmp_path):
-    pids = tmp_path / "pids"
+def run_child(tmp_path: Path, data: Path, builds: int, timeout: float = 90, **env_extra: str):
+    """Run :data:`CHILD` with 2 forced decode processes; ``(returncode, stdout, stderr, decoding pids)``. A child
+    still running after ``timeout`` seconds is killed with its whole process group and the test fails."""
+    pids, site = tmp_path / "pids", tmp_path / "site"
     pids.mkdir()
+    site.mkdir()
+    (site / "record_pids.py").write_text(RECORD_PIDS)
     env = {
         **os.environ,
         "TINYDINO_CACHE_WORKERS": "2",  # force the pool on for these 30 images
         "OMP_NUM_THREADS": "1",
         "D1_PID_DIR": str(pids),
+        "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        **env_extra,
     }
-    site = tmp_path / "site"
-    site.mkdir()
-    # Record which processes decode (a file per pid), to check that the pool really ran.
-    (site / "record_pids.py").write_text(
-        textwrap.dedent(
-            """
-            import os
-            from utils.data import image_cache
-            real = image_cache._decode_image
-
-            def recording(path, size):
-                open(os.path.join(os.environ["D1_PID_DIR"], str(os.getpid())), "a").close()
-                return real(path, size)
-
-            image_cache._decode_image = recording
-            """
-        )
-    )
-    script = "import record_pids\n" + CHILD
-    env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     child = subprocess.Popen(
-        [sys.executable, "-c", script, str(synthetic), str(tmp_path / "cache"), str(BUILDS)],
+        [sys.executable, "-c", CHILD, str(data), str(tmp_path / "cache"), str(builds)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -87,19 +95,31 @@ def test_forced_pool_finishes_under_a_parent_that_ignores_sigterm(synthetic, tmp
         start_new_session=True,  # its own process group, so a hung child and its workers can all be killed
     )
     try:
-        out, err = child.communicate(timeout=90)
+        out, err = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, signal.SIGKILL)
         out, err = child.communicate()
         pytest.fail(f"the cache build hung under a SIGTERM-ignoring parent; output:\n{out}\n{err[-2000:]}")
-    assert child.returncode == 0, err[-3000:]
+    return child.returncode, out, err, {int(p.name) for p in pids.iterdir()}
+
+
+def test_forced_pool_finishes_under_a_parent_that_ignores_sigterm(synthetic, tmp_path):
+    returncode, out, err, decoders = run_child(tmp_path, synthetic, BUILDS)
+    assert returncode == 0, err[-3000:]
     assert [line for line in out.splitlines() if line.startswith("built")] == [f"built {i} 30" for i in range(BUILDS)]
-    parent = int(next(line for line in out.splitlines() if line.startswith("parent")).split()[1])
-    workers = {int(p.name) for p in pids.iterdir()}
-    assert workers and parent not in workers, "TINYDINO_CACHE_WORKERS=2 decodes in worker processes"
+    parent = int(out.splitlines()[0].split()[1])
+    assert decoders and parent not in decoders, "TINYDINO_CACHE_WORKERS=2 decodes in worker processes"
     # and what the pool wrote is the decoded pixels
-    entry = next((tmp_path / "cache" / "0").glob("train-*"))
-    cached = CachedImages(entry)
+    cached = CachedImages(next((tmp_path / "cache" / "0").glob("train-*")))
     for row, (path, _) in enumerate(build_image_dataset(synthetic, "train").samples):
         with Image.open(path) as img:
             np.testing.assert_array_equal(cached.images[row], np.asarray(img.convert("RGB")).transpose(2, 0, 1))
+
+
+def test_a_decode_process_that_dies_fails_the_build(synthetic, tmp_path):
+    victim = Path(build_image_dataset(synthetic, "train").samples[17][0]).name
+    returncode, out, err, _ = run_child(tmp_path, synthetic, 1, D1_KILL_ON=victim)
+    assert returncode != 0 and "built" not in out
+    assert "decode process" in err and "TINYDINO_CACHE_WORKERS=0" in err, err[-2000:]
+    leftovers = [p for p in (tmp_path / "cache" / "0").iterdir()] if (tmp_path / "cache" / "0").exists() else []
+    assert leftovers == [], "a failed build leaves no entry and no .building-* folder"

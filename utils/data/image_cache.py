@@ -36,7 +36,8 @@ Rules:
   ``TINYDINO_CACHE_WORKERS`` sets it instead), fed chunks of at most 128 images; a list of one chunk is decoded
   in-process unless ``TINYDINO_CACHE_WORKERS`` is set, which splits the list so that every process gets work. The
   processes reset the handlers of SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 to the defaults (a handler inherited from
-  the parent, e.g. one that ignores SIGTERM, never keeps them alive); a finished pool is closed and joined.
+  the parent, e.g. one that ignores SIGTERM, never keeps them alive); a finished pool is shut down and joined, never
+  terminated. A decode process that dies (killed, out of memory) fails the build with a ``RuntimeError``.
 * **Unreadable images are skipped.** A file PIL cannot open or decode (corrupt, truncated, vanished) is left out
   with a warning giving the count; the cache's length is the number of good images, ``CachedImages.indices`` maps
   rows back to the sample list and the manifest lists the skipped files.
@@ -58,6 +59,8 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -340,15 +343,16 @@ def _decode_all(
     if workers <= 1:
         consume(map(_decode_chunk, tasks))
         return errors
-    pool = _mp_context().Pool(workers, initializer=_reset_signal_handlers)
+    pool = ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_reset_signal_handlers)
     try:
-        consume(pool.imap_unordered(_decode_chunk, tasks))
-    except BaseException:
-        pool.terminate()
-        pool.join()
-        raise
-    pool.close()
-    pool.join()
+        consume(future.result() for future in as_completed([pool.submit(_decode_chunk, task) for task in tasks]))
+    except BrokenProcessPool as exc:
+        raise RuntimeError(
+            f"a decode process of the image cache died ({exc}); rerun, or decode in-process with "
+            f"{WORKERS_ENV}=0 if the machine is short of memory"
+        ) from exc
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # joins the workers; chunks not yet started are dropped
     return errors
 
 
