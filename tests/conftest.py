@@ -61,22 +61,40 @@ def network_attempts() -> list[str]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item):
-    return (yield from _fail_on_network(item, "setup"))
+    return (yield from _session_rules(item, "setup"))
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
-    return (yield from _fail_on_network(item, "call"))
+    return (yield from _session_rules(item, "call"))
 
 
-def _fail_on_network(item, phase):
+#: Entries that may appear in the repository root during a run (Python's and the tools' own caches).
+ROOT_CACHES = {"__pycache__", ".pytest_cache", ".ruff_cache"}
+
+
+#: The working directory pytest started in (in-process script runs write there at ``--output_dir .``).
+LAUNCH_DIR = Path.cwd()
+
+
+def _written_in_root() -> set[str]:
+    """Top-level entries of the repository root and of the launch directory: where a script run without
+    ``--output_dir`` (default ``.``) writes."""
+    return {str(folder / name) for folder in {ROOT, LAUNCH_DIR} for name in os.listdir(folder)}
+
+
+def _session_rules(item, phase):
     """Generator body of the two wrappers above: fail the test if any process tried the network during ``phase``
-    (even when the code under test caught the guard's error)."""
-    before = len(network_attempts())
+    (even when the code under test caught the guard's error), or if a new file appeared in the repository root or
+    the launch directory (a script left at ``--output_dir .``)."""
+    before, files_before = len(network_attempts()), _written_in_root()
     result = yield
     new = network_attempts()[before:]
     if new:
         raise netguard.NetworkAccessError(f"{item.nodeid} ({phase}) tried the network: {'; '.join(new[:5])}")
+    written = sorted(p for p in _written_in_root() - files_before if Path(p).name not in ROOT_CACHES)
+    if written:
+        raise AssertionError(f"{item.nodeid} ({phase}) wrote outside its temporary folders: {', '.join(written)}")
     return result
 
 

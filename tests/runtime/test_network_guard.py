@@ -60,3 +60,25 @@ def test_child_processes_are_guarded_and_report_to_the_session():
         result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert result.returncode != 0 and "NetworkAccessError" in result.stderr
         assert len(refusals()) == 1 and refusals()[0].startswith("pid ")
+
+
+def test_a_file_left_in_the_repository_root_fails_the_test(tmp_path, monkeypatch):
+    """The session's other rule (tests/conftest.py): a script run at ``--output_dir .`` fails the test that ran it.
+    (Here the "repository root" is a temporary folder.)"""
+    import types
+
+    import conftest
+
+    monkeypatch.setattr(conftest, "ROOT", tmp_path)
+    monkeypatch.setattr(conftest, "LAUNCH_DIR", tmp_path)
+    item = types.SimpleNamespace(nodeid="t")
+    rules = conftest._session_rules(item, "call")
+    next(rules)
+    (tmp_path / "knn_results.json").write_text("{}")
+    with pytest.raises(AssertionError, match=r"t \(call\) wrote outside its temporary folders: .*knn_results.json"):
+        rules.send(None)
+    (tmp_path / "knn_results.json").unlink()  # this very test runs under the rule too
+    rules = conftest._session_rules(item, "call")
+    next(rules)
+    with pytest.raises(StopIteration):  # nothing new: the test passes
+        rules.send(None)
