@@ -26,15 +26,17 @@ mutant survives or errors, 0 when every mutant is killed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -350,66 +352,145 @@ def error_summary(output: str, failed: list[str]) -> str:
     return where + (errors[0] if errors else lines[-1] if lines else "no output")[:200]
 
 
-def run_pytest(copy: Path, tests: list[str], timeout: float, stop_first: bool, deselect: list[str]) -> tuple[int, str]:
-    """Run pytest in ``copy`` (its own ``utils`` first on the path); returns (exit code, output)."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "-m", FAST_MARKERS]
-    cmd += ["-x"] if stop_first else []
-    cmd += [arg for node in deselect for arg in ("--deselect", node)]
-    cmd += tests
-    env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    try:
-        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        return -1, out
-    return proc.returncode, proc.stdout + proc.stderr
+#: Imported once by the checker before it forks a child per mutant, so that no child imports them again (seconds each
+#: on a busy CPU). None of the project's own modules: each child imports those from its own copy.
+PRELOAD = (
+    "numpy",
+    "PIL.Image",
+    "torch",
+    "torchvision",
+    "timm",
+    "sklearn.neighbors",
+    "scipy.stats",
+    "numba",
+    "matplotlib.figure",
+    "huggingface_hub",
+    "torch.utils.tensorboard",
+    "pytest",
+)
+PROJECT_MODULES = {"utils", "tests", "tools", "benchmarks", "main_dino", "eval_knn", "eval_linear", "eval_stl10"}
+
+
+def preload() -> None:
+    for name in PRELOAD:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+
+
+def pytest_in_process_is_safe() -> bool:
+    """A forked child can run pytest in-process only when none of the project's modules is loaded here (a child would
+    test those instead of its copy's): not so when the checker itself runs inside the test suite."""
+    return not any(name.split(".")[0] in PROJECT_MODULES for name in sys.modules)
+
+
+#: Faster pytest start and end for a pass/fail answer: no assertion rewriting (a failing assert still fails), no
+#: unraisable-exception plugin (its end-of-session garbage collections), no anyio plugin (an entry point).
+LEAN_PYTEST = ("--assert=plain", "-p", "no:unraisableexception", "-p", "no:anyio")
+
+
+def pytest_args(tests: list[str], stop_first: bool, deselect: list[str]) -> list[str]:
+    args = ["-q", "-p", "no:cacheprovider", "-rfE", "-m", FAST_MARKERS, *LEAN_PYTEST]
+    args += ["-x"] if stop_first else []
+    args += [arg for node in deselect for arg in ("--deselect", node)]
+    return args + tests
+
+
+def run_pytest(copy: Path, args: list[str], log: Path, in_process: bool) -> int:
+    """pytest ``args`` in ``copy`` (its own ``utils`` first on the path), output to ``log``; returns the exit code.
+    ``in_process``: in this (forked) process, which then belongs to the copy; else in a subprocess."""
+    env = {"PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    if not in_process:
+        with open(log, "w") as out:
+            cmd = [sys.executable, "-m", "pytest", *args]
+            return subprocess.run(
+                cmd, cwd=copy, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+            ).returncode
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ.update(env)
+    os.chdir(copy)
+    sys.path.insert(0, str(copy))
+    sys.dont_write_bytecode = True
+    import pytest
+
+    return int(pytest.main(args))
 
 
 def test_selection(mutant: Mutant, all_tests: bool) -> list[str]:
     return ["tests"] if all_tests else list(mutant.tests)
 
 
-def check_mutant(
-    mutant: Mutant, files: list[str], all_tests: bool, timeout: float, deselect: list[str], keep: bool
-) -> Result:
-    start = time.monotonic()
-    tests = test_selection(mutant, all_tests)
-    result = Result(mutant.name, mutant.file, "error", tests=tests)
-    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as tmp:
-        copy = Path(tmp)
-        copy_tree(ROOT, files, copy)
-        problem = apply_mutant(copy, mutant)
-        if problem is not None:
-            result.killer = problem
-        else:
-            code, output = run_pytest(copy, tests, timeout, stop_first=True, deselect=deselect)
-            failed = failing_tests(output)
-            if code == -1:
-                result.status, result.killer = "killed", f"timeout after {timeout:.0f} s (a hang)"
-            elif code == 0:
-                result.status = "survived"
-            elif code == 1 and failed:
-                result.status, result.killer = "killed", failed[0]
-            elif code == 5:
-                result.killer = "no test collected (check the test selection)"
-            else:
-                result.killer = f"pytest exit {code}: {error_summary(output, failed)}"
-            if keep and result.status != "killed":
-                (ROOT.parent / f"mutant-{mutant.name}.log").write_text(output)
-    result.seconds = round(time.monotonic() - start, 1)
-    return result
+def mutant_work(mutant: Mutant, copy: Path, files: list[str], options: argparse.Namespace, deselect: list[str]):
+    """Runs in a child process: copy, mutate, test; returns ``{"status", "killer"}``."""
+    copy_tree(ROOT, files, copy)
+    problem = apply_mutant(copy, mutant)
+    if problem is not None:
+        return {"status": "error", "killer": problem}
+    log = copy / "mutant-pytest.log"
+    args = pytest_args(test_selection(mutant, options.all_tests), True, deselect)
+    code = run_pytest(copy, args, log, options.in_process)
+    output = log.read_text(errors="replace")
+    failed = failing_tests(output)
+    if code == 0:
+        status, killer = "survived", ""
+    elif code == 1 and failed:
+        status, killer = "killed", failed[0]
+    elif code == 5:
+        status, killer = "error", "no test collected (check the test selection)"
+    else:
+        status, killer = "error", f"pytest exit {code}: {error_summary(output, failed)}"
+    if options.keep_logs and status != "killed":
+        (ROOT.parent / f"mutant-{mutant.name}.log").write_text(output)
+    return {"status": status, "killer": killer}
 
 
-def baseline_failures(files: list[str], mutants: list[Mutant], all_tests: bool, timeout: float) -> list[str] | None:
-    """Tests of the selections that fail on the unmutated copy (None: the baseline could not run)."""
-    tests = sorted({t for m in mutants for t in test_selection(m, all_tests)})
-    with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as tmp:
-        copy_tree(ROOT, files, Path(tmp))
-        code, output = run_pytest(Path(tmp), tests, timeout * 2, stop_first=False, deselect=[])
-    if code in (0, 1):
-        return failing_tests(output)
-    print(output[-3000:], file=sys.stderr)
-    return None
+def baseline_work(copy: Path, files: list[str], tests: list[str], options: argparse.Namespace):
+    """Runs in a child process: the selections on the unmutated copy; returns ``{"code", "failed", "tail"}``."""
+    copy_tree(ROOT, files, copy)
+    log = copy / "baseline-pytest.log"
+    code = run_pytest(copy, pytest_args(tests, False, []), log, options.in_process)
+    output = log.read_text(errors="replace")
+    return {"code": code, "failed": failing_tests(output), "tail": output[-3000:]}
+
+
+def run_forked(jobs: list[tuple[str, object]], parallel: int, timeout: float, on_done) -> None:
+    """Run each ``(key, work)`` in a forked child (its own process group and temporary folder), ``parallel`` at a
+    time; ``work(folder)`` returns a JSON-able dict. ``on_done(key, result, seconds)`` gets it, or ``None`` when the
+    child was killed at ``timeout`` seconds or died without a result. Single-threaded: forking is safe."""
+    pending, running = list(jobs), {}
+    while pending or running:
+        while pending and len(running) < max(1, parallel):
+            key, work = pending.pop(0)
+            folder = Path(tempfile.mkdtemp(prefix=f"mutant-{key}-"))
+            result_file = Path(tempfile.mkstemp(prefix=f"mutant-{key}-", suffix=".json")[1])
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # the child
+                os.setpgid(0, 0)
+                try:
+                    payload = work(folder)
+                except BaseException as exc:  # noqa: BLE001 - reported as the mutant's error
+                    payload = {"status": "error", "killer": f"checker error: {exc!r}"[:300], "code": -2}
+                result_file.write_text(json.dumps(payload))
+                os._exit(0)
+            running[pid] = (key, time.monotonic(), folder, result_file)
+        pid, _ = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            for child, (_, start, _, _) in running.items():
+                if time.monotonic() - start > timeout:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child, signal.SIGKILL)
+            time.sleep(0.2)
+            continue
+        if pid not in running:
+            continue
+        key, start, folder, result_file = running.pop(pid)
+        text = result_file.read_text() if result_file.is_file() else ""
+        result_file.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        on_done(key, json.loads(text) if text else None, time.monotonic() - start)
 
 
 def print_table(results: list[Result]) -> None:
@@ -453,24 +534,41 @@ def main(argv: list[str] | None = None, mutants: tuple[Mutant, ...] = MUTANTS) -
             print("  tests: " + " ".join(m.tests))
         return 0
     files = repository_files(ROOT)
+    args.in_process = pytest_in_process_is_safe()
+    if args.in_process:
+        preload()
     deselect: list[str] = []
     if not args.no_baseline:
-        failures = baseline_failures(files, chosen, args.all_tests, args.timeout)
-        if failures is None:
+        tests = sorted({t for m in chosen for t in test_selection(m, args.all_tests)})
+        found = {}
+        run_forked(
+            [("baseline", lambda folder: baseline_work(folder, files, tests, args))],
+            1,
+            2 * args.timeout,
+            lambda key, result, seconds: found.update(result or {"code": -1, "failed": [], "tail": "timeout"}),
+        )
+        if found["code"] not in (0, 1):
+            print(found["tail"], file=sys.stderr)
             print("baseline: the selected tests do not run on the unmutated copy", file=sys.stderr)
             return 2
-        if failures:
-            print(f"baseline: {len(failures)} test(s) fail without any mutant, left out: {' '.join(failures)}")
-            deselect = failures
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = [
-            pool.submit(check_mutant, m, files, args.all_tests, args.timeout, deselect, args.keep_logs) for m in chosen
-        ]
-        results = []
-        for future in futures:
-            results.append(future.result())
-            r = results[-1]
-            print(f"{r.status:8s} {r.name} ({r.seconds:.0f} s) {r.killer}", flush=True)
+        if found["failed"]:
+            print(f"baseline: {len(found['failed'])} test(s) fail without any mutant, left out: {found['failed']}")
+            deselect = found["failed"]
+    by_name = {m.name: m for m in chosen}
+    done: dict[str, Result] = {}
+
+    def record(name: str, outcome: dict | None, seconds: float) -> None:
+        m = by_name[name]
+        if outcome is None:
+            outcome = {"status": "killed", "killer": f"timeout after {args.timeout:.0f} s (a hang)"}
+        r = Result(m.name, m.file, outcome["status"], outcome["killer"], round(seconds, 1))
+        r.tests = test_selection(m, args.all_tests)
+        done[name] = r
+        print(f"{r.status:8s} {r.name} ({r.seconds:.0f} s) {r.killer}", flush=True)
+
+    jobs = [(m.name, lambda folder, m=m: mutant_work(m, folder, files, args, deselect)) for m in chosen]
+    run_forked(jobs, args.jobs, args.timeout, record)
+    results = [done[m.name] for m in chosen]
     print()
     print_table(results)
     counts = {s: sum(r.status == s for r in results) for s in ("killed", "survived", "error")}
