@@ -191,7 +191,15 @@ def summary(values: list[float]) -> dict:
 def lean_state_of(student, teacher, loss_module, device) -> DINOState:
     optimizer = build_optimizer("adamw", get_params_groups(student))
     return DINOState(
-        student, teacher, student, loss_module, optimizer, None, device, clip_grad=3.0, freeze_last_layer=0
+        student=student,
+        teacher=teacher,
+        student_module=student,
+        loss=loss_module,
+        optimizer=optimizer,
+        scaler=None,
+        device=device,
+        clip_grad=3.0,
+        freeze_last_layer=0,
     )
 
 

@@ -172,7 +172,15 @@ def tiny_state(clip_grad=3.0):
     optimizer = build_optimizer("adamw", get_params_groups(student))
     loss = DINOLoss(32, 4, 0.04, 0.04, 0, 10)
     return DINOState(
-        student, teacher, student, loss, optimizer, None, torch.device("cpu"), clip_grad=clip_grad, freeze_last_layer=0
+        student=student,
+        teacher=teacher,
+        student_module=student,
+        loss=loss,
+        optimizer=optimizer,
+        scaler=None,
+        device=torch.device("cpu"),
+        clip_grad=clip_grad,
+        freeze_last_layer=0,
     )
 
 
@@ -184,7 +192,7 @@ def crops(batch=4, poison=False):
 
 
 def test_non_finite_loss_skips_the_step_without_touching_the_weights():
-    from utils.train.step import STEP_FIELDS, StepSchedule, train_step
+    from utils.train.step import StepSchedule, train_step
 
     state = tiny_state()
     schedule = StepSchedule(lr=1e-3, weight_decay=0.04, momentum=0.9)
@@ -192,7 +200,7 @@ def test_non_finite_loss_skips_the_step_without_touching_the_weights():
     before = {k: v.clone() for k, v in state.student.state_dict().items()}
     teacher_before = {k: v.clone() for k, v in state.teacher.state_dict().items()}
     optimizer_steps = [s["step"].clone() for s in state.optimizer.state.values()]
-    stats = dict(zip(STEP_FIELDS, train_step(state, crops(poison=True), 0, schedule).tolist()))
+    stats = train_step(state, crops(poison=True), 0, schedule)._asdict()
     assert stats["skipped"] == 1.0
     for k, v in state.student.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -200,7 +208,7 @@ def test_non_finite_loss_skips_the_step_without_touching_the_weights():
         assert torch.equal(v, teacher_before[k]), k
     assert [s["step"] for s in state.optimizer.state.values()] == optimizer_steps  # Adam's step count too
     assert torch.isfinite(state.loss.center).all()
-    stats = dict(zip(STEP_FIELDS, train_step(state, crops(), 0, schedule).tolist()))
+    stats = train_step(state, crops(), 0, schedule)._asdict()
     assert stats["skipped"] == 0.0
     assert not torch.equal(state.student.state_dict()["backbone.cls_token"], before["backbone.cls_token"])
     assert all(torch.isfinite(v).all() for v in state.student.state_dict().values())
@@ -217,7 +225,7 @@ def test_non_finite_steps_are_counted_and_the_streak_resets():
     loader = [(crops(poison=p), torch.zeros(4), torch.zeros(4, dtype=torch.long)) for p in poison]
     schedules = {"lr": np.full(10, 1e-3), "wd": np.full(10, 0.04), "momentum": np.full(10, 0.99)}
     result = train_one_epoch(
-        state, loader, EpochPlan(0, 0, max_nonfinite=3, print_freq=4), schedules, TensorBoard(None)
+        state, loader, EpochPlan(epoch=0, global_iter=0, max_nonfinite=3, print_freq=4), schedules, TensorBoard(None)
     )
     assert state.nonfinite_steps == 3 and state.consecutive_nonfinite == 0
     assert result.averages["nonfinite_steps"] == 3.0 and result.finished
@@ -233,7 +241,7 @@ def test_run_stops_after_max_nonfinite_consecutive_losses():
     loader = [(crops(poison=True), torch.zeros(4), torch.zeros(4, dtype=torch.long)) for _ in range(6)]
     schedules = {"lr": np.full(10, 1e-3), "wd": np.full(10, 0.04), "momentum": np.full(10, 0.99)}
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses") as exc:
-        train_one_epoch(state, loader, EpochPlan(0, 0, max_nonfinite=3), schedules, TensorBoard(None))
+        train_one_epoch(state, loader, EpochPlan(epoch=0, global_iter=0, max_nonfinite=3), schedules, TensorBoard(None))
     assert "--precision" in str(exc.value) and "--lr" in NONFINITE_ADVICE and "--clip_grad" in NONFINITE_ADVICE
     assert all(torch.isfinite(v).all() for v in state.student.state_dict().values())
 

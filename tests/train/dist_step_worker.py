@@ -47,7 +47,17 @@ def main(out_path: str, optimizer_name: str) -> None:
     if optimizer_name == "adamw":  # see test_two_process_step_equals_one_process_step_on_whole_batch
         for group in optimizer.param_groups:
             group["eps"] = ADAM_EPS
-    state = DINOState(wrapped, teacher, student, loss, optimizer, None, ctx.device, clip_grad=0.5, freeze_last_layer=0)
+    state = DINOState(
+        student=wrapped,
+        teacher=teacher,
+        student_module=student,
+        loss=loss,
+        optimizer=optimizer,
+        scaler=None,
+        device=ctx.device,
+        clip_grad=0.5,
+        freeze_last_layer=0,
+    )
     for _ in range(2):
         train_step(
             state,

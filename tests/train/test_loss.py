@@ -56,14 +56,21 @@ def test_dino_loss_gradient_flows_to_student_only():
 
 def test_collapse_indicators_on_uniform_and_peaked_teacher():
     loss_fn = DINOLoss(32, 2, 0.04, 0.04, 0, 1)
-    loss_fn(torch.randn(4, 32), torch.zeros(4, 32), 0)  # all-equal logits: uniform teacher
-    assert abs(loss_fn.last_stats["teacher_mean_entropy"].item() - np.log(32)) < 1e-4
-    assert abs(loss_fn.last_stats["teacher_sample_entropy"].item() - np.log(32)) < 1e-4
+    stats = loss_fn.forward_with_stats(torch.randn(4, 32), torch.zeros(4, 32), 0)  # all-equal logits: uniform
+    assert abs(stats.teacher_mean_entropy.item() - np.log(32)) < 1e-4
+    assert abs(stats.teacher_sample_entropy.item() - np.log(32)) < 1e-4
     peaked = torch.zeros(4, 32)
     peaked[:, 3] = 100.0
     loss_fn = DINOLoss(32, 2, 0.04, 0.04, 0, 1)
-    loss_fn(torch.randn(4, 32), peaked, 0)
-    assert loss_fn.last_stats["teacher_mean_entropy"].item() < 1e-3
+    stats = loss_fn.forward_with_stats(torch.randn(4, 32), peaked, 0)
+    assert stats.teacher_mean_entropy.item() < 1e-3
+
+
+def test_forward_is_the_loss_of_forward_with_stats():
+    student, teacher = torch.randn(6, 16), torch.randn(6, 16)
+    plain, with_stats = DINOLoss(16, 3, 0.04, 0.04, 0, 1), DINOLoss(16, 3, 0.04, 0.04, 0, 1)
+    assert torch.equal(plain(student, teacher, 0), with_stats.forward_with_stats(student, teacher, 0).loss)
+    assert torch.equal(plain.center, with_stats.center)
 
 
 def test_non_finite_teacher_batch_leaves_centre_unchanged():
@@ -143,9 +150,9 @@ def test_sample_entropy_from_logits_equals_the_definition():
     p = F.softmax(logits, dim=-1)
     from_logits, plain = collapse_stats(p, logits), collapse_stats(p)
     expected = -(p * torch.log(p)).sum(dim=-1).mean()  # no zero probabilities at this scale in float64
-    torch.testing.assert_close(from_logits["teacher_sample_entropy"], expected, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(plain["teacher_sample_entropy"], expected, rtol=1e-10, atol=1e-12)
-    assert from_logits["teacher_mean_entropy"] == plain["teacher_mean_entropy"]
+    torch.testing.assert_close(from_logits.sample_entropy, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(plain.sample_entropy, expected, rtol=1e-10, atol=1e-12)
+    assert from_logits.mean_entropy == plain.mean_entropy
 
 
 def test_loss_is_computed_in_float32_under_autocast():

@@ -12,7 +12,7 @@ from tests.conftest import run_benchmark_quick
 from utils.model.vit import build_dino_models
 from utils.train.loss import DINOLoss
 from utils.train.optim import build_optimizer, get_params_groups
-from utils.train.step import STEP_FIELDS, DINOState, StepSchedule, train_step
+from utils.train.step import DINOState, StepSchedule, train_step
 
 
 def models(out_dim=64):
@@ -53,13 +53,13 @@ def test_lean_step_equals_the_official_structure(monkeypatch):
     ref_student, ref_teacher = (use_official_last_layer(m) for m in models())
     lean_loss, ref_loss = DINOLoss(64, 4, 0.04, 0.07, 2, 5), DINOLoss(64, 4, 0.04, 0.07, 2, 5)
     state = DINOState(
-        lean_student,
-        lean_teacher,
-        lean_student,
-        lean_loss,
-        build_optimizer("adamw", get_params_groups(lean_student)),
-        None,
-        torch.device("cpu"),
+        student=lean_student,
+        teacher=lean_teacher,
+        student_module=lean_student,
+        loss=lean_loss,
+        optimizer=build_optimizer("adamw", get_params_groups(lean_student)),
+        scaler=None,
+        device=torch.device("cpu"),
         clip_grad=0.3,
         freeze_last_layer=1,
     )
@@ -69,11 +69,11 @@ def test_lean_step_equals_the_official_structure(monkeypatch):
         group["eps"] = 1e-3
     for epoch, crops in enumerate(batches(3)):
         schedule = StepSchedule(lr=2e-3, weight_decay=0.04, momentum=0.95)
-        values = dict(zip(STEP_FIELDS, train_step(state, crops, epoch, schedule).tolist()))
+        values = train_step(state, crops, epoch, schedule)
         ref_value = reference_train_step(
             ref_student, ref_teacher, ref_loss, ref_optimizer, crops, epoch, 2e-3, 0.04, 0.95, 0.3, 1
         )
-        assert abs(values["loss"] - ref_value) < 1e-4
+        assert abs(values.loss.item() - ref_value) < 1e-4
     for lean, ref in ((lean_student, ref_student), (lean_teacher, ref_teacher)):
         for name, value in lean.state_dict().items():
             torch.testing.assert_close(value, ref.state_dict()[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -112,13 +112,13 @@ def _sgd_state(student, teacher, koleo_weight):
     optimizer = torch.optim.SGD(get_params_groups(student), lr=0.0)
     cpu = torch.device("cpu")
     return DINOState(
-        student,
-        teacher,
-        student,
-        loss,
-        optimizer,
-        None,
-        cpu,
+        student=student,
+        teacher=teacher,
+        student_module=student,
+        loss=loss,
+        optimizer=optimizer,
+        scaler=None,
+        device=cpu,
         clip_grad=0.0,
         freeze_last_layer=0,
         koleo_weight=koleo_weight,
@@ -151,8 +151,8 @@ def test_koleo_term_is_reported_and_adds_its_gradient():
     state = _sgd_state(student, teacher, weight)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    values = dict(zip(STEP_FIELDS, train_step(state, crops, 0, StepSchedule(lr, 0.0, 1.0)).tolist()))
-    assert abs(values["koleo_loss"] - expected_koleo) < 1e-4
+    values = train_step(state, crops, 0, StepSchedule(lr, 0.0, 1.0))
+    assert abs(values.koleo_loss.item() - expected_koleo) < 1e-4
     for (name, p), ref in zip(student.named_parameters(), expected_student.parameters()):
         if ref.grad is not None:
             torch.testing.assert_close(p.detach(), (ref - lr * ref.grad).detach(), rtol=1e-4, atol=1e-6, msg=name)
@@ -162,8 +162,8 @@ def test_without_koleo_the_term_is_zero_and_the_step_unchanged():
     crops = batches(1)[0]
     plain_student, plain_teacher = models()
     state = _sgd_state(plain_student, plain_teacher, 0.0)
-    values = dict(zip(STEP_FIELDS, train_step(state, crops, 0, StepSchedule(1e-2, 0.0, 0.9)).tolist()))
-    assert values["koleo_loss"] == 0.0
+    values = train_step(state, crops, 0, StepSchedule(1e-2, 0.0, 0.9))
+    assert values.koleo_loss.item() == 0.0
 
 
 def test_cached_backbone_stand_in_runs_everything_but_the_backbone():

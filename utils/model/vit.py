@@ -148,6 +148,11 @@ class WeightNormLinear(nn.Module):
         return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, in]`` → ``[N, out]`` logits in the weights' dtype (float32 under autocast too: DINO divides them
+        by a temperature of 0.04, where bf16's 8-bit mantissa would show)."""
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return weight_norm_linear(x.to(self.weight_v.dtype), self.weight_v, self.weight_g)
         return weight_norm_linear(x, self.weight_v, self.weight_g)
 
 

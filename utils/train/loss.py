@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +24,7 @@ class DINOLoss(nn.Module):
     batch mean, summed across processes. The loss runs in float32 under autocast too (its matrix products sum over
     ``B * D`` products: in bf16/fp16 the cross terms would lose 2-3 digits).
 
-    After each call ``last_stats`` holds detached collapse indicators: the entropy (nats) of the teacher's mean
+    :meth:`forward_with_stats` also returns detached collapse indicators: the entropy (nats) of the teacher's mean
     distribution (``log D`` when uniform, 0 when constant) and the mean entropy of its per-sample distributions.
     """
 
@@ -46,23 +48,25 @@ class DINOLoss(nn.Module):
         self.teacher_temp_schedule = teacher_temperature_schedule(
             warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs
         )
-        self.last_stats: dict[str, torch.Tensor] = {}
 
     def teacher_temp(self, epoch: int) -> float:
         return float(self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)])
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
-        with torch.autocast(student_output.device.type, enabled=False):  # float32 throughout, matrix products too
-            return self._forward(student_output.float(), teacher_output.float(), epoch)
+        """The loss (0-d); updates the centre."""
+        return self.forward_with_stats(student_output, teacher_output, epoch).loss
 
-    def _forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_logits = (teacher_output - self.center).div_(self.teacher_temp(epoch))
-            teacher_p = F.softmax(teacher_logits, dim=-1)
-            self.last_stats = collapse_stats(teacher_p, teacher_logits)
-        loss = dino_cross_entropy(student_output, teacher_p, self.ncrops, self.student_temp)
-        self.update_center(teacher_output)
-        return loss
+    def forward_with_stats(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> LossStats:
+        """The loss and the teacher's collapse indicators; updates the centre."""
+        with torch.autocast(student_output.device.type, enabled=False):  # float32 throughout, matrix products too
+            student_output, teacher_output = student_output.float(), teacher_output.float()
+            with torch.no_grad():
+                teacher_logits = (teacher_output - self.center).div_(self.teacher_temp(epoch))
+                teacher_p = F.softmax(teacher_logits, dim=-1)
+                mean_entropy, sample_entropy = collapse_stats(teacher_p, teacher_logits)
+            loss = dino_cross_entropy(student_output, teacher_p, self.ncrops, self.student_temp)
+            self.update_center(teacher_output)
+        return LossStats(loss=loss, teacher_mean_entropy=mean_entropy, teacher_sample_entropy=sample_entropy)
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
@@ -73,8 +77,21 @@ class DINOLoss(nn.Module):
         self.center.copy_(torch.where(torch.isfinite(new_center).all(), new_center, self.center))
 
 
+class LossStats(NamedTuple):
+    """:meth:`DINOLoss.forward_with_stats`'s result: the loss and the teacher's collapse indicators (0-d tensors)."""
+
+    loss: torch.Tensor
+    teacher_mean_entropy: torch.Tensor  # nats; log D when the teacher's mean output is uniform, 0 when constant
+    teacher_sample_entropy: torch.Tensor  # nats; mean over samples; log D when every output is uniform
+
+
+class CollapseStats(NamedTuple):
+    mean_entropy: torch.Tensor
+    sample_entropy: torch.Tensor
+
+
 @torch.no_grad()
-def collapse_stats(teacher_p: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def collapse_stats(teacher_p: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> CollapseStats:
     """Entropies (nats) of the teacher's mean distribution and, averaged, of its per-sample ones. ``[N, D]`` → 0-d.
 
     With the logits ``z`` that ``teacher_p = softmax(z)`` came from, a sample's entropy is ``logsumexp(z) - p . z``,
@@ -86,10 +103,9 @@ def collapse_stats(teacher_p: torch.Tensor, teacher_logits: torch.Tensor | None 
     else:
         log_normaliser = teacher_logits.amax(dim=-1) - torch.log(teacher_p.amax(dim=-1))
         sample_entropy = log_normaliser - torch.linalg.vecdot(teacher_p, teacher_logits)
-    return {
-        "teacher_mean_entropy": -(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum(),
-        "teacher_sample_entropy": sample_entropy.mean(),
-    }
+    return CollapseStats(
+        mean_entropy=-(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum(), sample_entropy=sample_entropy.mean()
+    )
 
 
 def dino_cross_entropy(

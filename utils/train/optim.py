@@ -24,7 +24,8 @@ def get_params_groups(model: nn.Module) -> list[dict]:
 
 
 def build_optimizer(name: str, param_groups: list[dict]) -> torch.optim.Optimizer:
-    """AdamW (default, fused kernel where supported) or SGD with momentum 0.9 (foreach kernel); lr is set per step."""
+    """AdamW (default) or SGD with momentum 0.9, fused kernels where supported (they skip a step from a device flag,
+    ``found_inf``); lr and weight decay are set per step."""
     params = [p for g in param_groups for p in g["params"]]
     fused = all(p.device.type in ("cuda", "cpu") for p in params) and len(params) > 0
     if name == "adamw":
@@ -33,7 +34,10 @@ def build_optimizer(name: str, param_groups: list[dict]) -> torch.optim.Optimize
         except (RuntimeError, TypeError):
             return torch.optim.AdamW(param_groups, lr=0.0, foreach=True)
     if name == "sgd":
-        return torch.optim.SGD(param_groups, lr=0.0, momentum=0.9, foreach=True)
+        try:
+            return torch.optim.SGD(param_groups, lr=0.0, momentum=0.9, fused=fused)
+        except (RuntimeError, TypeError):
+            return torch.optim.SGD(param_groups, lr=0.0, momentum=0.9, foreach=True)
     raise ValueError(f"unknown --optimizer {name!r}: use adamw or sgd")
 
 
@@ -46,12 +50,14 @@ def set_schedule_values(optimizer: torch.optim.Optimizer, lr: float, weight_deca
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` → ``bf16`` on a CUDA device that supports it, ``fp16`` on an older one, ``fp32`` on the CPU
-    (bf16 autocast is several times slower on CPUs without bf16 units)."""
+    """``auto`` → ``bf16`` on CUDA devices of compute capability 8.0 and above (Ampere: A100, RTX 30xx, and later),
+    ``fp16`` with a GradScaler on older ones (V100 7.0, T4 7.5: no bf16 units; PyTorch's ``is_bf16_supported``
+    counts their emulation), ``fp32`` on the CPU (bf16 autocast is slower on CPUs without bf16 units)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        major, _ = torch.cuda.get_device_capability(device)
+        return "bf16" if major >= 8 else "fp16"
     return "fp32"
 
 
@@ -124,8 +130,14 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
 
 @torch.no_grad()
 def ema_update(
-    teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], momentum: float | torch.Tensor
+    teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], student_weight: float | torch.Tensor
 ) -> None:
-    """``teacher = momentum * teacher + (1 - momentum) * student`` for every pair, in one foreach call.
-    ``momentum`` may be a 0-d device tensor (no host synchronisation)."""
-    torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+    """``teacher = (1 - w) * teacher + w * student`` for every pair (``w = 1 - momentum``), in one foreach call.
+
+    ``student_weight`` may be a 0-d device tensor (0: no EMA step): it is passed as a list of tensor weights, the
+    overload that reads it on the device (a single tensor would match the number overload, which reads it on the
+    host)."""
+    if isinstance(student_weight, torch.Tensor):
+        torch._foreach_lerp_(teacher_params, student_params, [student_weight] * len(teacher_params))
+    else:
+        torch._foreach_lerp_(teacher_params, student_params, student_weight)

@@ -110,18 +110,18 @@ class DINOPretraining:
         if args.compile:  # compiled forwards; parameters, state dicts and the EMA stay those of the plain modules
             student_forward, teacher_forward = torch.compile(self.student), torch.compile(self.teacher)
         self.state = DINOState(
-            student_forward,
-            teacher_forward,
-            self.student_module,
-            self.dino_loss,
-            self.optimizer,
-            self.scaler,
-            ctx.device,
-            precision,
-            args.clip_grad,
-            args.freeze_last_layer,
-            koleo_weight=args.koleo_loss_weight,
+            student=student_forward,
+            teacher=teacher_forward,
+            student_module=self.student_module,
+            loss=self.dino_loss,
+            optimizer=self.optimizer,
+            scaler=self.scaler,
+            device=ctx.device,
+            precision=precision,
+            clip_grad=args.clip_grad,
             clip_grad_mode=args.clip_grad_mode,
+            freeze_last_layer=args.freeze_last_layer,
+            koleo_weight=args.koleo_loss_weight,
         )
 
     def _build_schedules(self) -> None:
@@ -150,6 +150,7 @@ class DINOPretraining:
             "rng": rng_states,
             "knn_random_init": self.run_state["knn_random_init"],
             "nonfinite_steps": self.state.nonfinite_steps,
+            "scaler_backoffs": self.state.scaler_backoffs,
             "args": vars(self.args),
         }
         if self.scaler is not None:
@@ -172,16 +173,20 @@ class DINOPretraining:
         if found is None:
             return False
         path, checkpoint = found
+        scaler = self.scaler if "scaler" in checkpoint else None  # a run saved at another --precision has none
+        if self.scaler is not None and scaler is None:
+            log(f"note: {path} has no fp16 loss scale (another --precision): the GradScaler starts afresh")
         restore_state(
             checkpoint,
             self.run_state,
             student=self.student_module,
             teacher=self.teacher,
             optimizer=self.optimizer,
-            scaler=self.scaler,
+            scaler=scaler,
             dino_loss=self.dino_loss,
         )
         self.state.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
+        self.state.scaler_backoffs = int(checkpoint.get("scaler_backoffs", 0))
         rng = checkpoint.get("rng")
         if rng and len(rng) == self.ctx.world_size:
             self._rng_to_restore = rng[self.ctx.rank]
@@ -238,13 +243,13 @@ class DINOPretraining:
             start_iter = rs["iter_in_epoch"] if epoch == rs["epoch"] else 0
             self.loader.sampler.set_epoch(epoch, start=start_iter * args.batch_size_per_gpu)
             plan = EpochPlan(
-                epoch,
-                rs["global_iter"],
-                start_iter,
-                args.max_iters,
-                args.checkpoint_every,
-                args.print_freq,
-                args.max_nonfinite,
+                epoch=epoch,
+                global_iter=rs["global_iter"],
+                start_iter=start_iter,
+                max_iters=args.max_iters,
+                checkpoint_every=args.checkpoint_every,
+                print_freq=args.print_freq,
+                max_nonfinite=args.max_nonfinite,
                 header=f"Epoch [{epoch}/{args.epochs}]",
             )
             result = train_one_epoch(
@@ -258,8 +263,7 @@ class DINOPretraining:
                 collapse=self.collapse,
             )
             rs["global_iter"] = result.global_iter
-            record = {f"train_{k}": v for k, v in result.averages.items()} | {"epoch": epoch}
-            record["train_wd"] = record.pop("train_weight_decay", record.get("train_wd"))
+            record = {**{f"train_{k}": v for k, v in result.averages.items()}, "epoch": epoch}  # official keys
             if result.bad_images:
                 log(f"epoch {epoch}: skipped {result.bad_images} unreadable image(s)")
             if result.stop_signal:

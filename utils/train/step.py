@@ -1,14 +1,16 @@
 """One DINO training step and one epoch: forward the teacher and the student, the loss, the update, the EMA.
 
-The step never waits for the device: whether a step's loss was finite is decided on the device (all processes agree
-through an all-reduce) and gates the optimiser (fused AdamW's ``found_inf``) and the EMA (a zero weight). The host
-reads the step's numbers only every ``print_freq`` iterations, at checkpoints and at the end of the epoch.
+The step never waits for the device: whether a step's loss and gradients were finite is decided on the device (all
+processes agree through an all-reduce) and gates the optimiser (the fused optimisers' ``found_inf``, or fp16's
+GradScaler) and the EMA (a zero weight). A step returns :class:`StepStats`, 0-d device tensors that the host reads
+only every ``print_freq`` iterations, at checkpoints and at the end of the epoch.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,9 +36,11 @@ NONFINITE_ADVICE = (
 )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DINOState:
-    """Everything a training step touches. ``student`` may be wrapped in DDP; ``student_module`` is the bare one."""
+    """Everything a training step touches (built with keywords). ``student`` may be wrapped in DDP or compiled;
+    ``student_module`` is the bare student whose parameters the optimiser and the EMA use. The counters are read by
+    the host (:class:`_StepReader`) and saved in checkpoints."""
 
     student: nn.Module
     teacher: nn.Module
@@ -47,29 +51,39 @@ class DINOState:
     device: torch.device
     precision: str = "fp32"
     clip_grad: float = 3.0
+    clip_grad_mode: str = "param"  # "param": each parameter's gradient clipped on its own (official); "global"
     freeze_last_layer: int = 1
     koleo_weight: float = 0.0  # DINOv2's KoLeo term on the student's global-crop backbone features (0: off)
-    clip_grad_mode: str = "param"  # "param": each parameter's gradient clipped on its own (official); "global"
-    nonfinite_steps: int = 0
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss (or non-finite gradients without a GradScaler)
     consecutive_nonfinite: int = 0
-    ema_pairs: tuple[list, list] = field(default_factory=lambda: ([], []))
+    scaler_backoffs: int = 0  # fp16 steps the GradScaler skipped (overflowed gradients of a finite loss)
+    teacher_params: list[torch.Tensor] = field(init=False)
+    student_params: list[torch.Tensor] = field(init=False)
+    trainable: list[torch.Tensor] = field(init=False)
 
     def __post_init__(self):
-        teacher_params = list(self.teacher.parameters())
-        student_params = list(self.student_module.parameters())
-        if len(teacher_params) != len(student_params):
+        self.teacher_params = list(self.teacher.parameters())
+        self.student_params = list(self.student_module.parameters())
+        if len(self.teacher_params) != len(self.student_params):
             raise ValueError("student and teacher do not have the same parameters")
-        self.ema_pairs = (teacher_params, student_params)
-        self.trainable = [p for p in self.student_module.parameters() if p.requires_grad]
+        self.trainable = [p for p in self.student_params if p.requires_grad]
 
     @property
     def skips_on_device(self) -> bool:
         """Whether the optimiser can skip a step from a device flag (fused kernels take ``found_inf``)."""
-        return self.scaler is None and bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
 
 
-#: The numbers a step returns, in this order, as one device tensor (read by the host every few steps).
-STEP_FIELDS = ("loss", "grad_norm", "skipped", "teacher_mean_entropy", "teacher_sample_entropy", "koleo_loss")
+class StepStats(NamedTuple):
+    """The numbers of one step, each a 0-d float32 tensor on the training device."""
+
+    loss: torch.Tensor  # the DINO loss, averaged over processes
+    koleo_loss: torch.Tensor  # the KoLeo term (0 when off), averaged over processes
+    grad_norm: torch.Tensor  # global L2 norm of this process's student gradients before clipping (unscaled)
+    skipped: torch.Tensor  # 1: a non-finite loss (or gradient, without a GradScaler) on some process skipped the step
+    scaler_backoff: torch.Tensor  # 1: fp16's GradScaler skipped the step for overflowed gradients of a finite loss
+    teacher_mean_entropy: torch.Tensor  # collapse indicators (nats), see utils.train.loss.collapse_stats
+    teacher_sample_entropy: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -81,16 +95,14 @@ class StepSchedule:
     momentum: float
 
 
-def train_step(state: DINOState, crops: list[torch.Tensor], epoch: int, schedule: StepSchedule) -> torch.Tensor:
+def train_step(state: DINOState, crops: list[torch.Tensor], epoch: int, schedule: StepSchedule) -> StepStats:
     """One DINO iteration on a batch of multi-crop views ``crops`` (``2 + n`` tensors ``[B, 3, S, S]``).
 
-    The teacher sees the 2 global views, the student all views; the loss's gradient updates the student (gradient
-    clipped to a global norm, the head's last layer frozen during the first epochs), then the teacher takes an EMA
-    step. A non-finite loss or gradient on any process skips the update, the EMA and the centre update everywhere.
-    With ``state.koleo_weight > 0`` the student also minimises DINOv2's KoLeo term on its backbone features of each
-    global view (computed on each process's own batch, as DINOv2 does).
-    Returns a device tensor with the :data:`STEP_FIELDS` (``loss``: the DINO loss and ``koleo_loss``: the KoLeo term,
-    0 when off, both averaged over processes; ``skipped`` is 0 or 1).
+    The teacher sees the 2 global views, the student all views; the loss's gradient updates the student (gradients
+    clipped as ``state.clip_grad_mode`` says, the head's last layer frozen during the first epochs), then the teacher
+    takes an EMA step. A non-finite loss or gradient on any process skips the update and the EMA everywhere (and the
+    centre keeps its value). With ``state.koleo_weight > 0`` the student also minimises DINOv2's KoLeo term on its
+    backbone features of each global view (computed on each process's own batch, as DINOv2 does).
     """
     set_schedule_values(state.optimizer, schedule.lr, schedule.weight_decay)
     crops = [c.to(state.device, non_blocking=True) for c in crops]
@@ -102,8 +114,8 @@ def train_step(state: DINOState, crops: list[torch.Tensor], epoch: int, schedule
             koleo = sum(koleo_loss(f) for f in features[: 2 * crops[0].shape[0]].chunk(2))  # per global view
         else:
             student_output, koleo = state.student(crops), torch.zeros((), device=state.device)
-        dino = state.loss(student_output, teacher_output, epoch)
-        loss = dino + state.koleo_weight * koleo if state.koleo_weight else dino
+        dino = state.loss.forward_with_stats(student_output, teacher_output, epoch)
+        loss = dino.loss + state.koleo_weight * koleo if state.koleo_weight else dino.loss
 
     state.optimizer.zero_grad(set_to_none=True)
     if state.scaler is not None:
@@ -111,44 +123,55 @@ def train_step(state: DINOState, crops: list[torch.Tensor], epoch: int, schedule
         state.scaler.unscale_(state.optimizer)
     else:
         loss.backward()
-    # a global clip is one divisor: fused AdamW divides by its grad_scale in its own pass over the gradients
-    clip_in_optimizer = state.skips_on_device and state.clip_grad > 0 and state.clip_grad_mode == "global"
+    # a global clip is one divisor: fused optimisers divide by their grad_scale in their own pass over the gradients
+    clip_in_optimizer = (
+        state.scaler is None and state.skips_on_device and state.clip_grad > 0 and state.clip_grad_mode == "global"
+    )
     if clip_in_optimizer:
         grad_norm = gradient_norm(state.trainable).to(loss.device)
     else:
         grad_norm = clip_gradients(state.trainable, state.clip_grad, state.clip_grad_mode).to(loss.device)
     cancel_gradients_last_layer(epoch, state.student_module, state.freeze_last_layer)
 
-    local_bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
-    summed = all_reduce_sum(torch.stack([dino.detach().float(), local_bad.float(), koleo.detach().float()]))
-    finite = summed[1] == 0
-    if state.scaler is not None:
-        state.scaler.step(state.optimizer)  # the scaler skips steps whose gradients are not finite
+    local = torch.stack(
+        [dino.loss.detach().float(), koleo.detach().float(), ~torch.isfinite(loss.detach()), ~torch.isfinite(grad_norm)]
+    )
+    dino_sum, koleo_sum, bad_losses, bad_gradients = all_reduce_sum(local.float()).unbind()
+    update = (bad_losses == 0) & (bad_gradients == 0)
+    if state.scaler is not None:  # overflowed gradients of a finite loss: the scaler skips the step and backs off
+        skipped, backoff = bad_losses > 0, (bad_losses == 0) & (bad_gradients > 0)
+        state.scaler.step(state.optimizer)
         state.scaler.update()
-    elif state.skips_on_device:
-        state.optimizer.found_inf = (~finite).float()
-        state.optimizer.grad_scale = clip_divisor(grad_norm, state.clip_grad) if clip_in_optimizer else None
-        state.optimizer.step()
-    elif bool(finite):  # an optimiser without a device-side skip: one host synchronisation
-        state.optimizer.step()
-    momentum = 1.0 + (schedule.momentum - 1.0) * finite.float()  # 1 (no EMA step) when the step was skipped
-    ema_update(state.ema_pairs[0], state.ema_pairs[1], momentum)
-    stats = state.loss.last_stats
-    return torch.stack(
-        [
-            summed[0] / get_world_size(),
-            grad_norm.float(),
-            (~finite).float(),
-            stats["teacher_mean_entropy"].float(),
-            stats["teacher_sample_entropy"].float(),
-            summed[2] / get_world_size(),
-        ]
+    else:
+        skipped, backoff = ~update, torch.zeros_like(update)
+        _optimizer_step(state, update, grad_norm if clip_in_optimizer else None)
+    ema_update(state.teacher_params, state.student_params, (1.0 - schedule.momentum) * update.float())
+    world = get_world_size()
+    return StepStats(
+        loss=dino_sum / world,
+        koleo_loss=koleo_sum / world,
+        grad_norm=grad_norm.float(),
+        skipped=skipped.float(),
+        scaler_backoff=backoff.float(),
+        teacher_mean_entropy=dino.teacher_mean_entropy.float(),
+        teacher_sample_entropy=dino.teacher_sample_entropy.float(),
     )
 
 
-@dataclass
+def _optimizer_step(state: DINOState, update: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+    """The optimiser's step where ``update`` (a 0-d bool device tensor) holds; with ``grad_norm``, the gradients are
+    divided by :func:`clip_divisor` in the optimiser's own pass (a global clip)."""
+    if state.skips_on_device:
+        state.optimizer.found_inf = (~update).float()
+        state.optimizer.grad_scale = None if grad_norm is None else clip_divisor(grad_norm, state.clip_grad)
+        state.optimizer.step()
+    elif bool(update):  # an optimiser that cannot skip from a device flag: one host synchronisation
+        state.optimizer.step()
+
+
+@dataclass(kw_only=True)
 class EpochPlan:
-    """Where one pass over the loader starts and what it may do besides training."""
+    """Where one pass over the loader starts and what it may do besides training (built with keywords)."""
 
     epoch: int
     global_iter: int  # global iteration count when the pass starts
@@ -162,19 +185,14 @@ class EpochPlan:
 
 @dataclass
 class EpochResult:
+    """``averages``: the epoch's means under official DINO's log names (``loss``, ``lr``, ``wd``; ``koleo`` when
+    on) and counters (``epoch_time_s``, ``nonfinite_steps``, ``scaler_backoffs``, ``bad_images``)."""
+
     averages: dict[str, float]
     global_iter: int
     finished: bool  # the whole epoch was trained
     stop_signal: bool  # a stop was requested (signal): the checkpoint is saved, the caller exits
     bad_images: int
-
-
-@dataclass
-class _Pending:
-    """Steps run since the host last read their numbers."""
-
-    steps: list = field(default_factory=list)  # (global_iter, StepSchedule, device tensor, n_images)
-    bad_images: list = field(default_factory=list)
 
 
 def train_one_epoch(
@@ -203,12 +221,12 @@ def train_one_epoch(
         if iteration >= end:
             break
         schedule = StepSchedule(
-            float(schedules["lr"][global_iter]),
-            float(schedules["wd"][global_iter]),
-            float(schedules["momentum"][global_iter]),
+            lr=float(schedules["lr"][global_iter]),
+            weight_decay=float(schedules["wd"][global_iter]),
+            momentum=float(schedules["momentum"][global_iter]),
         )
-        values = train_step(state, crops, plan.epoch, schedule)
-        reader.add(global_iter, schedule, values, crops[0].shape[0] * get_world_size(), n_skipped)
+        stats = train_step(state, crops, plan.epoch, schedule)
+        reader.add(global_iter, schedule, stats, crops[0].shape[0] * get_world_size(), n_skipped)
         global_iter += 1
         iteration += 1
         checkpoint_due = bool(plan.checkpoint_every) and global_iter % plan.checkpoint_every == 0
@@ -223,6 +241,8 @@ def train_one_epoch(
     averages = meter.averages()
     averages["epoch_time_s"] = meter.elapsed()
     averages["nonfinite_steps"] = float(state.nonfinite_steps)
+    if state.scaler is not None:
+        averages["scaler_backoffs"] = float(state.scaler_backoffs)
     averages["bad_images"] = float(reader.bad_images)
     return EpochResult(averages, global_iter, iteration >= niter, stopped, reader.bad_images)
 
@@ -234,7 +254,7 @@ def any_process_requested_stop(stop_request, device: torch.device) -> bool:
 
 
 class _StepReader:
-    """Collects the steps' device tensors and reads them all with one host synchronisation."""
+    """Collects the steps' :class:`StepStats` and reads them all with one host synchronisation."""
 
     def __init__(self, state, meter, tb, collapse, teacher_temp: float, max_nonfinite: int):
         self.state, self.meter, self.tb, self.collapse = state, meter, tb, collapse
@@ -242,21 +262,21 @@ class _StepReader:
         self.pending: list = []
         self.bad_images = 0
 
-    def add(self, global_iter: int, schedule: StepSchedule, values: torch.Tensor, n_images: int, n_skipped) -> None:
-        self.pending.append((global_iter, schedule, values, n_images, n_skipped))
+    def add(self, global_iter: int, schedule: StepSchedule, stats: StepStats, n_images: int, n_skipped) -> None:
+        self.pending.append((global_iter, schedule, stats, n_images, n_skipped))
 
     def read(self) -> None:
         if not self.pending:
             return
-        rows = torch.stack([values for _, _, values, _, _ in self.pending]).tolist()
+        rows = torch.stack([torch.stack(stats) for _, _, stats, _, _ in self.pending]).tolist()
         for (global_iter, schedule, _, n_images, n_skipped), row in zip(self.pending, rows):
-            stats = dict(zip(STEP_FIELDS, row))
+            stats = StepStats(*row)
             self._count(stats, global_iter)
             self.bad_images += int(n_skipped.sum())
-            koleo = {"koleo": stats["koleo_loss"]} if self.state.koleo_weight else {}
-            self.meter.update(n_images, loss=stats["loss"], **koleo, lr=schedule.lr, wd=schedule.weight_decay)
+            koleo = {"koleo": stats.koleo_loss} if self.state.koleo_weight else {}
+            self.meter.update(n_images, loss=stats.loss, **koleo, lr=schedule.lr, wd=schedule.weight_decay)
             scalars = {
-                **stats,
+                **stats._asdict(),
                 "lr": schedule.lr,
                 "weight_decay": schedule.weight_decay,
                 "teacher_momentum": schedule.momentum,
@@ -264,13 +284,16 @@ class _StepReader:
                 "images_per_s": self.meter.images_per_second(),
             }
             self.tb.scalars(scalars, global_iter, prefix="train/")
-            if self.collapse is not None and not stats["skipped"]:
-                self.collapse.update(stats)
+            if self.collapse is not None and not (stats.skipped or stats.scaler_backoff):
+                self.collapse.update(stats._asdict())
         self.pending.clear()
 
-    def _count(self, stats: dict, global_iter: int) -> None:
+    def _count(self, stats: StepStats, global_iter: int) -> None:
         state = self.state
-        if not stats["skipped"]:
+        if stats.scaler_backoff:
+            state.scaler_backoffs += 1
+            return
+        if not stats.skipped:
             state.consecutive_nonfinite = 0
             return
         state.nonfinite_steps += 1
