@@ -8,6 +8,7 @@ Both yield resumable, per-sample seeded batches; too small a dataset for one bat
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import torch
@@ -37,8 +38,18 @@ __all__ = [
 ]
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """``DataLoader`` worker init: SIGINT, SIGTERM, SIGUSR1 and SIGUSR2 ignored, whatever handlers the main process
+    had installed. The main process alone reacts to them (graceful stop) and ends its workers; a signal sent to the
+    whole job does not kill a worker mid-stop."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def build_train_loader(args, dataset, ctx: DistributedContext) -> DataLoader:
-    """Multi-crop batches ``(crops, labels, n_skipped)``: resumable, seeded per sample, skipping bad images."""
+    """Multi-crop batches ``(crops, labels, n_skipped)``: resumable, seeded per sample, skipping bad images.
+
+    Worker processes ignore the stop signals (:func:`_ignore_stop_signals`)."""
     sampler = ResumableSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, seed=args.seed)
     loader = DataLoader(
         SeededSamples(dataset, args.seed, ctx.rank),
@@ -48,6 +59,7 @@ def build_train_loader(args, dataset, ctx: DistributedContext) -> DataLoader:
         pin_memory=ctx.device.type == "cuda",
         drop_last=True,
         persistent_workers=args.num_workers > 0,
+        worker_init_fn=_ignore_stop_signals,
         generator=torch.Generator().manual_seed(args.seed),  # the loader's own draws never touch the global RNG
     )
     if len(loader) == 0:
