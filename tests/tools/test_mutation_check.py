@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import subprocess
 import sys
 
 import pytest
@@ -36,14 +37,26 @@ SURVIVES = Mutant(  # a change without a change of meaning
 UNMATCHED = Mutant("moved_code", "utils/train/loss.py", "this text is not in loss.py", "x", (CENTRE_TEST,))
 
 
-@pytest.mark.slow  # two pytest runs in temporary copies
-def test_killed_survived_and_unmatched_mutants(capsys):
+CHECK = """
+import sys
+sys.path.insert(0, "tools")
+import mutation_check as m
+mutants = tuple(m.Mutant(*fields) for fields in {fields!r})
+sys.exit(m.main(["--no-baseline", "--jobs", "2"], mutants=mutants))
+"""
+
+
+@pytest.mark.slow  # a checker process and two forked pytest runs: ~20 s on a busy 2-core CPU
+def test_killed_survived_and_unmatched_mutants():
+    """Run as a user would (a fresh process: one forked child per mutant)."""
     loss_file = ROOT / "utils" / "train" / "loss.py"
     before = hashlib.sha1(loss_file.read_bytes()).hexdigest()
-    code = mutation_check.main(["--no-baseline", "--jobs", "2"], mutants=(KILLED, SURVIVES, UNMATCHED))
+    fields = [(m.name, m.file, m.pattern, m.replacement, m.tests) for m in (KILLED, SURVIVES, UNMATCHED)]
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECK.format(fields=fields)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert hashlib.sha1(loss_file.read_bytes()).hexdigest() == before
-    out = capsys.readouterr().out
-    summary = json.loads(out.strip().splitlines()[-1])
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
     results = {r["name"]: r for r in summary["results"]}
     assert results["centre_momentum_swapped"]["status"] == "killed"
     assert results["centre_momentum_swapped"]["killer"] == CENTRE_TEST
@@ -51,8 +64,8 @@ def test_killed_survived_and_unmatched_mutants(capsys):
     assert results["moved_code"]["status"] == "error"
     assert "found 0 times" in results["moved_code"]["killer"]
     assert (summary["killed"], summary["survived"], summary["error"]) == (1, 1, 1)
-    assert code == 1
-    assert "centre_momentum_swapped" in out and "moved_code" in out  # the table
+    assert proc.returncode == 1
+    assert "centre_momentum_swapped" in proc.stdout and "moved_code" in proc.stdout  # the table
 
 
 def test_failing_tests_are_read_from_pytests_summary():
