@@ -20,13 +20,15 @@ Sections (each runs on its own: one that raises reports ``{"error": ...}`` in it
   products are counted on every device) and the whole step's FLOPs.
 - ``precision``: for fp32, bf16 and fp16 (``--precision``), the loss of 30 identical steps from the same initial
   weights on the same batches (``--drop_path_rate 0``, so that nothing random differs), whether the last loss agrees
-  with fp32's within :data:`LOSS_RTOL`, steps skipped (fp16 loss-scale back-offs); then, with the default flags, the
+  with fp32's within :data:`LOSS_RTOL`, steps without an update (``skipped``: a non-finite loss;
+  ``scaler_backoffs``: fp16's loss scale backing off); then, with the default flags, the
   step's images/s, the backbone's MFU (backbone FLOPs per second over that precision's matmul peak) and peak device
   memory (CUDA).
 - ``host_syncs``: host synchronisations per iteration (the cached loader's batch and augmentation, then the step), at
   ``--precision auto``: on CUDA those ``torch.cuda.set_sync_debug_mode`` reports; on every device the scalar reads
   (``aten::_local_scalar_dense``: ``.item()``, ``bool(tensor)``, ``float(tensor)``) and the host-to-device copies
-  of unpinned CPU tensors, counted by a dispatch spy; for the step alone (a batch already on the device) and for
+  of unpinned CPU tensors, counted by a dispatch spy (it sees the training thread only; the loader's prefetch
+  thread on CUDA is covered by the sync debug mode); for the step alone (a batch already on the device) and for
   the whole iteration.
 - ``data_wait``: the fraction of wall time the training loop waits for data: ``1 - t_compute / t_loop`` where
   ``t_loop`` is the time of ``n`` iterations fed by the loader and ``t_compute`` that of ``n`` steps on a batch
@@ -77,6 +79,7 @@ from benchmarks.bench_common import base_parser, emit_report, preset_config  # n
 from utils.data.synthetic import generate_synthetic_dataset  # noqa: E402
 from utils.model.vit import group_by_resolution  # noqa: E402
 from utils.runtime.distributed import init_distributed_mode  # noqa: E402
+from utils.train.optim import resolve_precision  # noqa: E402
 from utils.train.run import DINOPretraining  # noqa: E402
 from utils.train.step import StepSchedule, train_step  # noqa: E402
 
@@ -194,11 +197,6 @@ def step(run: DINOPretraining, crops: list[torch.Tensor]):
     return train_step(run.state, crops, run.args.freeze_last_layer, schedule_of(run))
 
 
-def step_field(values, name: str, index: int) -> torch.Tensor:
-    """A field of :func:`train_step`'s result (a named structure, or a tensor in ``STEP_FIELDS`` order)."""
-    return getattr(values, name) if hasattr(values, name) else values[index]
-
-
 def batches(run: DINOPretraining) -> Iterator[list[torch.Tensor]]:
     """The run's loader's crops, epoch after epoch."""
     for epoch in itertools.count():
@@ -232,6 +230,7 @@ def device_info(check: Check) -> dict:
         "cuda": torch.version.cuda,
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
+        "auto_precision": resolve_precision("auto", check.device),
     }
     if check.device.type == "cuda":
         props = torch.cuda.get_device_properties(check.device)
@@ -303,11 +302,10 @@ def precision_check(check: Check, report: dict) -> dict:
             run.teacher.load_state_dict(initial["teacher"])
             torch.manual_seed(0)
             values = [step(run, fixed[i % len(fixed)]) for i in range(cfg["agree_steps"])]
-            losses = torch.stack([step_field(v, "loss", 0).float() for v in values]).tolist()
+            losses = torch.stack([v.loss for v in values]).tolist()
             result |= {"loss_first": losses[0], "loss_last": losses[-1], "losses": losses}
-            for name, index in (("skipped", 2), ("scaler_backoff", None)):  # steps without an update
-                if hasattr(values[0], name) or index is not None:
-                    result[name] = torch.stack([step_field(v, name, index).float() for v in values]).sum().item()
+            result["skipped"] = torch.stack([v.skipped for v in values]).sum().item()  # non-finite loss
+            result["scaler_backoffs"] = torch.stack([v.scaler_backoff for v in values]).sum().item()
             del run, values
             check.release()
             result |= step_speed(check, precision, fixed[0], report)
@@ -559,7 +557,8 @@ def print_table(report: dict) -> None:
     flops = report.get("flops", {})
     print(f"FLOPs per step: backbone {fmt(flops.get('backbone_per_step'))}, whole step {fmt(flops.get('step'))}")
     print(
-        f"{'precision':<10} {'loss 1st':>9} {'loss last':>10} {'gap':>8} {'ok':>5} {'img/s':>9} {'MFU':>7} {'GiB':>7}"
+        f"{'precision':<10} {'loss 1st':>9} {'loss last':>10} {'gap':>8} {'ok':>5} {'no-upd':>6} {'img/s':>9} "
+        f"{'MFU':>7} {'GiB':>7}"
     )
     for precision, r in report.get("precision", {}).items():
         if not isinstance(r, dict) or "error" in r:
@@ -568,6 +567,7 @@ def print_table(report: dict) -> None:
         print(
             f"{precision:<10} {fmt(r.get('loss_first'), '.4f'):>9} {fmt(r.get('loss_last'), '.4f'):>10} "
             f"{fmt(r.get('relative_gap_to_fp32'), '.2%'):>8} {fmt(r.get('agrees_with_fp32')):>5} "
+            f"{fmt(r.get('skipped', 0) + r.get('scaler_backoffs', 0), '.0f'):>6} "
             f"{fmt(r.get('images_per_s'), '.1f'):>9} {fmt(r.get('mfu'), '.1%'):>7} "
             f"{fmt(r.get('peak_memory_gib', 'n/a'), '.2f'):>7}"
         )

@@ -80,6 +80,8 @@ def test_quick_cpu_check_reports_every_section(tmp_path):
         assert len(result_["losses"]) == report["config"]["agree_steps"] == 30
         assert all(math.isfinite(loss) for loss in result_["losses"])
         assert result_["images_per_s"] > 0 and result_["mfu"] > 0
+        assert result_["skipped"] == 0
+    assert precision["fp32"]["scaler_backoffs"] == precision["bf16"]["scaler_backoffs"] == 0  # no GradScaler
     fp32, bf16 = precision["fp32"]["loss_last"], precision["bf16"]["loss_last"]
     assert abs(bf16 - fp32) <= report["tolerances"]["loss_rtol"] * abs(fp32)
     assert precision["bf16"]["agrees_with_fp32"] is True
