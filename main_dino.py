@@ -16,11 +16,11 @@ import torch
 
 from utils.model.vit import ARCH_ALIASES, check_arch
 from utils.runtime.cli import UsageError, bool_flag, user_errors
+from utils.train import run
 from utils.train.loss import DINOLoss
 from utils.train.optim import CLIP_MODES
-from utils.train.run import train_dino
 
-__all__ = ["DINOLoss", "get_args_parser", "main", "train_dino"]
+__all__ = ["DINOLoss", "cli", "get_args_parser", "main"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -203,7 +203,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="also save checkpoint.pth every this many iterations (0: at epoch ends only); a rerun resumes exactly",
     )
     data.add_argument(
-        "--deterministic", action="store_true", help="deterministic kernels: a resumed run matches an uninterrupted one"
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels (torch.use_deterministic_algorithms, warn_only): on the CPU a resumed run matches "
+        "an uninterrupted one bit for bit; on CUDA the operations without a deterministic kernel (the backward of the "
+        "position embeddings' bicubic interpolation, which local crops use) warn and stay non-deterministic, so a "
+        "resumed GPU run is close to, but not bitwise identical with, an uninterrupted one",
     )
     data.add_argument("-h", "--help", action="help", help="show this help and exit")
     return parser
@@ -238,14 +243,23 @@ def validate_args(args: argparse.Namespace) -> None:
     check_arch(args.arch)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(args: argparse.Namespace) -> dict:
+    """The whole pretraining on parsed flags (the entry of the command line and of SLURM jobs): validates them, trains
+    from wherever ``--output_dir`` left off and returns the final record (``log.txt``'s last line; ``stop_signal``
+    set when a signal stopped the run after its checkpoint). User mistakes raise a user error
+    (:mod:`utils.runtime.errors`)."""
+    validate_args(args)
+    return run.train_dino(args)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: parse ``argv``, run :func:`main`; a user mistake exits with status 2 and one line."""
     parser = argparse.ArgumentParser("DINO", parents=[get_args_parser()], add_help=False)
     args = parser.parse_args(argv)
     with user_errors():
-        validate_args(args)
-        train_dino(args)
+        main(args)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

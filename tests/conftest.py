@@ -215,5 +215,5 @@ def tiny_checkpoint(small_synthetic, tmp_path_factory) -> Path:
         "--knn_every",
         "0",
     ]
-    assert main_dino.main(flags) == 0
+    assert main_dino.cli(flags) == 0
     return out / "checkpoint.pth"

@@ -92,7 +92,7 @@ def test_a_run_leaves_an_imagefolder_root_as_it_was(synthetic, tmp_path, xdg):
     classes = sorted(p.name for p in data.iterdir())
     before = tree(data)
     flags = [*TINY_RUN, "--data_path", str(data), "--output_dir", str(tmp_path / "out"), "--cache_images", "on"]
-    assert main_dino.main(flags) == 0
+    assert main_dino.cli(flags) == 0
     assert tree(data) == before, "nothing under --data_path is created, changed or removed"
     assert cache_entries(xdg) == [e for e in cache_entries(xdg) if e.startswith("train-")] != []
     assert not default_cache_dir(data).resolve().is_relative_to(data.resolve())
@@ -104,7 +104,7 @@ def test_a_run_leaves_an_imagefolder_root_as_it_was(synthetic, tmp_path, xdg):
 def test_cache_dir_flag_overrides_the_default(synthetic, tmp_path, xdg):
     data = Path(shutil.copytree(synthetic, tmp_path / "data"))
     flags = [*TINY_RUN, "--data_path", str(data), "--output_dir", str(tmp_path / "out"), "--cache_images", "on"]
-    assert main_dino.main([*flags, "--cache_dir", str(tmp_path / "mine"), "--knn_every", "1"]) == 0
+    assert main_dino.cli([*flags, "--cache_dir", str(tmp_path / "mine"), "--knn_every", "1"]) == 0
     assert cache_entries(tmp_path / "mine") != [] and not xdg.exists()
     assert sorted(e.split("-")[0] for e in cache_entries(tmp_path / "mine")) == ["train", "val"]
 

@@ -420,7 +420,7 @@ def test_main_dino_download_prepares_the_real_subset_zip(tmp_path, monkeypatch):
     shutil.copy(REAL_ZIP, data / "tiny-imagenet-10.zip")
     root = data / "tiny-imagenet-10"
     flags = [*TINY_RUN, "--data_path", str(root), "--download", "--output_dir", str(tmp_path / "out")]
-    assert main_dino.main(flags) == 0
+    assert main_dino.cli(flags) == 0
 
     truth = _val_truth(REAL_ZIP)
     assert len(truth) == 500 and len({wnid for wnid, _ in truth.values()}) == 10

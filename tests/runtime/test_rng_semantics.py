@@ -39,11 +39,11 @@ def test_resumed_run_equals_the_uninterrupted_run(small_synthetic, tmp_path):
     """One epoch (5 iterations) straight, against 2 iterations then a restart from the checkpoint: same weights."""
     flags = [*TINY_TRAIN_FLAGS, "--data_path", str(small_synthetic), "--knn_every", "0", "--epochs", "1"]
     flags += ["--cache_images", "off", "--drop_path_rate", "0.3"]
-    assert main_dino.main([*flags, "--output_dir", str(tmp_path / "straight")]) == 0
+    assert main_dino.cli([*flags, "--output_dir", str(tmp_path / "straight")]) == 0
     resumed = ["--output_dir", str(tmp_path / "resumed")]
-    assert main_dino.main([*flags, *resumed, "--max_iters", "2"]) == 0
+    assert main_dino.cli([*flags, *resumed, "--max_iters", "2"]) == 0
     assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pth")["global_iter"] == 2
-    assert main_dino.main([*flags, *resumed]) == 0
+    assert main_dino.cli([*flags, *resumed]) == 0
     straight = load_checkpoint(tmp_path / "straight" / "checkpoint.pth")
     again = load_checkpoint(tmp_path / "resumed" / "checkpoint.pth")
     assert again["global_iter"] == straight["global_iter"] == 5

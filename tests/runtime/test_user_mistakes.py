@@ -35,7 +35,7 @@ def unchanged(output_dir):
 
 
 def train(small_synthetic, output_dir, *extra):
-    return lambda: main_dino.main(
+    return lambda: main_dino.cli(
         [*TINY_TRAIN_FLAGS, "--data_path", str(small_synthetic), "--output_dir", str(output_dir), *extra]
     )
 

@@ -238,7 +238,7 @@ def test_lr_is_scaled_by_the_global_batch(small_synthetic, tmp_path):
     flags = [*TINY_TRAIN_FLAGS, "--data_path", str(small_synthetic), "--output_dir", str(out)]
     flags += ["--knn_every", "0", "--epochs", "1", "--cache_images", "off", "--batch_size_per_gpu", str(batch)]
     flags += ["--lr", str(lr), "--min_lr", str(lr * batch / 256), "--warmup_epochs", "0"]
-    assert main_dino.main(flags) == 0
+    assert main_dino.cli(flags) == 0
     record = json.loads((out / "log.txt").read_text().splitlines()[-1])
     assert record["train_lr"] == pytest.approx(lr * batch / 256, rel=1e-9)
 

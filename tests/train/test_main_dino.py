@@ -24,7 +24,7 @@ def tensorboard_tags(folder):
 def test_short_run_writes_checkpoint_log_tensorboard_and_resumes(small_synthetic, tmp_path):
     out = tmp_path / "run"
     flags = [*TINY_TRAIN_FLAGS, "--data_path", str(small_synthetic), "--output_dir", str(out), "--knn_every", "2"]
-    assert main_dino.main([*flags, "--epochs", "2"]) == 0
+    assert main_dino.cli([*flags, "--epochs", "2"]) == 0
     records = read_log(out)
     assert [r["epoch"] for r in records] == [0, 1]
     assert {"train_loss", "train_lr", "train_wd", "epoch"} <= set(records[0])
@@ -54,7 +54,7 @@ def test_short_run_writes_checkpoint_log_tensorboard_and_resumes(small_synthetic
 
     # Second invocation with more epochs: continues at epoch 2, does not restart from 0.
     teacher_before = ckpt["teacher"]
-    assert main_dino.main([*flags, "--epochs", "3"]) == 0
+    assert main_dino.cli([*flags, "--epochs", "3"]) == 0
     records = read_log(out)
     assert [r["epoch"] for r in records] == [0, 1, 2]
     ckpt = load_checkpoint(out / "checkpoint.pth")
@@ -75,10 +75,10 @@ def test_max_iters_stops_early_and_rerun_continues(small_synthetic, tmp_path):
         "--epochs",
         "4",
     ]
-    assert main_dino.main([*flags, "--max_iters", "3"]) == 0
+    assert main_dino.cli([*flags, "--max_iters", "3"]) == 0
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert ckpt["global_iter"] == 3 and ckpt["epoch"] == 0
-    assert main_dino.main([*flags, "--max_iters", "7"]) == 0
+    assert main_dino.cli([*flags, "--max_iters", "7"]) == 0
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert ckpt["global_iter"] == 7 and ckpt["epoch"] == 1  # 5 iterations per epoch (40 images, batch 8)
 
@@ -95,7 +95,7 @@ def test_max_iters_stops_early_and_rerun_continues(small_synthetic, tmp_path):
 def test_user_mistakes_are_one_line_errors(small_synthetic, tmp_path, capsys, extra, message):
     flags = [*TINY_TRAIN_FLAGS, "--data_path", str(small_synthetic), "--output_dir", str(tmp_path / "o"), *extra]
     with pytest.raises(SystemExit) as exc:
-        main_dino.main(flags)
+        main_dino.cli(flags)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
@@ -167,7 +167,7 @@ def test_attn_every_writes_attention_images_to_tensorboard(small_synthetic, tmp_
         "--attn_every",
         "1",
     ]
-    assert main_dino.main(flags) == 0
+    assert main_dino.cli(flags) == 0
     _, acc = tensorboard_tags(out)
     image_tags = acc.Tags()["images"]
     assert sorted(image_tags) == [f"attention/image{i}" for i in range(4)]
@@ -198,7 +198,7 @@ def test_data_pipelines(small_synthetic, tmp_path, capsys, flags, expected):
         "1",
         *flags,
     ]
-    assert main_dino.main(args) == 0
+    assert main_dino.cli(args) == 0
     assert expected in capsys.readouterr().out
     assert len(read_log(out)) == 1
 
@@ -220,7 +220,7 @@ def test_compile_flag_trains(small_synthetic, tmp_path):
         "2",
         "--compile",
     ]
-    assert main_dino.main(flags) == 0
+    assert main_dino.cli(flags) == 0
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert ckpt["global_iter"] == 2
     assert not any(k.startswith("_orig_mod") for k in ckpt["student"])  # plain keys, loadable without compile

@@ -154,8 +154,47 @@ def test_resume_with_another_precision(small_synthetic, tmp_path, first, second)
     out = tmp_path / "run"
     flags = [*TINY_TRAIN_FLAGS, "--data_path", str(small_synthetic), "--output_dir", str(out), "--knn_every", "0"]
     flags += ["--max_iters", "2", "--epochs", "2"]
-    assert main_dino.main([*flags, "--precision", first]) == 0
-    assert main_dino.main([*flags[:-4], "--epochs", "2", "--max_iters", "4", "--precision", second]) == 0
+    assert main_dino.cli([*flags, "--precision", first]) == 0
+    assert main_dino.cli([*flags[:-4], "--epochs", "2", "--max_iters", "4", "--precision", second]) == 0
     checkpoint = load_checkpoint(out / "checkpoint.pth")
     assert checkpoint["global_iter"] == 4
     assert ("scaler" in checkpoint) == (second == "fp16")
+
+
+def head_with_bn_models():
+    torch.manual_seed(0)
+    args = argparse.Namespace(
+        arch="vit_tiny",
+        patch_size=16,
+        global_crop_size=32,
+        drop_path_rate=0.0,
+        out_dim=64,
+        use_bn_in_head=True,
+        norm_last_layer=True,
+    )
+    return build_dino_models(args)
+
+
+@pytest.mark.parametrize("world_size, device, synced", [(2, CUDA, True), (1, CUDA, False), (2, CPU, False)])
+def test_batch_norms_in_the_head_are_synchronised_across_cuda_processes(world_size, device, synced):
+    """``--use_bn_in_head`` under DDP on GPUs: student and teacher heads get SyncBatchNorm (official DINO converts
+    both; the teacher's running statistics stay its own), with unchanged state-dict keys and values."""
+    from types import SimpleNamespace
+
+    from utils.train.run import synchronise_batch_norms
+
+    ctx = SimpleNamespace(world_size=world_size, device=device)
+    for model in head_with_bn_models():
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        model = synchronise_batch_norms(model, ctx)
+        kinds = {type(m) for m in model.head.mlp}
+        assert (torch.nn.SyncBatchNorm in kinds) == synced
+        assert (torch.nn.BatchNorm1d in kinds) != synced
+        after = model.state_dict()
+        assert list(after) == list(before)
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_deterministic_help_says_what_is_bitwise():
+    text = " ".join(main_dino.get_args_parser().format_help().split())
+    assert "--deterministic" in text and "bit for bit" in text and "not bitwise" in text

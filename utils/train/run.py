@@ -1,6 +1,7 @@
 """The DINO pretraining run: set-up from the flags, resume, the epoch loop, checkpoints, evaluations and logs.
 
 ``main_dino.py`` parses the flags and calls :func:`train_dino`; everything a run does is here, in small methods.
+The data loaders it trains on are built by :mod:`utils.data.loaders`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from utils.data.augment.per_image import DataAugmentationDINO
@@ -42,6 +44,17 @@ from utils.train.loss import DINOLoss
 from utils.train.optim import build_grad_scaler, build_optimizer, get_params_groups, resolve_precision
 from utils.train.schedules import cosine_scheduler, teacher_momentum_schedule
 from utils.train.step import CollapseMonitor, DINOState, EpochPlan, train_one_epoch
+
+
+def synchronise_batch_norms(model: nn.Module, ctx: DistributedContext) -> nn.Module:
+    """``model`` with its BatchNorm layers (``--use_bn_in_head``) turned into SyncBatchNorm when several CUDA processes
+    train, as official DINO does for the student and the teacher: batch statistics over the global batch, each model
+    keeping its own running statistics. Unchanged otherwise (SyncBatchNorm needs CUDA tensors: on CPUs each process
+    normalises over its own batch)."""
+    has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if ctx.world_size > 1 and ctx.device.type == "cuda" and has_batch_norm:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 class DINOPretraining:
@@ -86,8 +99,8 @@ class DINOPretraining:
 
     def _build_models(self) -> None:
         args, ctx = self.args, self.ctx
-        student, self.teacher = build_dino_models(args)
-        self.student_module, self.teacher = student.to(ctx.device), self.teacher.to(ctx.device)
+        student, teacher = (synchronise_batch_norms(m, ctx) for m in build_dino_models(args))
+        self.student_module, self.teacher = student.to(ctx.device), teacher.to(ctx.device)
         self.student = self.student_module
         if ctx.world_size > 1:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
