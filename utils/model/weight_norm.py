@@ -1,11 +1,8 @@
 """The DINO head's weight-normalised last layer, ``y = x @ (g * V / ||V||).T``, as one fused autograd function.
 
-The last layer is where DINO's head spends its time at large ``out_dim`` (65536 rows ``V`` of 256): written as
-autograd composes it (build ``W``, multiply; in the backward the product's, the division's and the norm's gradients,
-each a full pass), the weight normalisation alone reads and writes the 16.7 M-element matrix about ten times per step
-on top of the three matrix products. :func:`weight_norm_linear` scales the *outputs* instead of the weight (no ``W``
-is formed) and works through ``V`` in blocks of rows that fit a core's L2 cache: per block, one matrix product
-forward; one for ``dx``, one for ``dV`` and its norm correction while the block is hot, backward.
+:func:`weight_norm_linear` scales the *outputs* instead of the weight (no ``W`` is formed) and works through ``V`` in
+blocks of rows that fit a core's L2 cache: per block, one matrix product forward; one for ``dx``, one for ``dV`` and
+its norm correction while the block is hot, backward.
 
 Shapes: ``x`` ``[N, K]``, ``V`` (``weight_v``) ``[D, K]``, ``g`` (``weight_g``) ``[D, 1]``, output ``[N, D]``.
 With ``n = ||V_j||`` and ``s = g / n`` per row ``j``, ``y[:, j] = s_j * (x @ V_j)``, and for an upstream gradient
@@ -17,13 +14,8 @@ With ``n = ||V_j||`` and ``s = g / n`` per row ``j``, ``y[:, j] = s_j * (x @ V_j
 
 The fused path runs on the CPU in float32/float64 outside autocast and ``torch.compile``; elsewhere (GPUs, mixed
 precision, compiled graphs) the layer is the plain composition, whose kernels the device or the compiler fuses.
-
-Measured with ``benchmarks/bench_last_layer.py`` (2-core CPU, out_dim 65536, 128 student rows forward + backward
-and 64 teacher rows forward): 131-134 ms vs 144-150 ms for ``nn.utils.weight_norm`` (the official head's layer,
-1.11-1.12x) and 171-183 ms for the composition (1.31-1.37x).
-The forward multiplies ``V_block @ x.T`` (25% faster here than ``x @ V_block.T``); its rounding can depend on the
-number of rows ``N`` (the BLAS picks its kernels by shape), i.e. a row's outputs may differ in the last bit between
-batch sizes.
+The forward multiplies ``V_block @ x.T``; its rounding can depend on the number of rows ``N`` (the BLAS picks its
+kernels by shape), i.e. a row's outputs may differ in the last bit between batch sizes.
 """
 
 from __future__ import annotations
@@ -31,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-#: Bytes of ``V`` per block: a block and its gradient stay in a core's L2 cache (2 MiB here; 1-2 MiB measured best).
+#: Bytes of ``V`` per block: a block and its gradient stay in a core's L2 cache.
 CPU_BLOCK_BYTES = 2 * 1024 * 1024
 
 
