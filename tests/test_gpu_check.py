@@ -101,6 +101,7 @@ def test_quick_cpu_check_reports_every_section(tmp_path):
 
     augmentation = report["augmentation"]["tf32_default"]
     assert augmentation["max_abs_diff"] <= report["tolerances"]["aug_atol_fp32"] and augmentation["agrees"] is True
+    assert augmentation["mean_abs_diff"] <= augmentation["needed_atol"] <= augmentation["max_abs_diff"]
     assert "skipped" in report["compile"]
 
     projection = report["projection"]
