@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from utils.model.vit import ARCH_ALIASES, check_arch
-from utils.runtime.cli import UsageError, bool_flag, user_errors
+from utils.runtime.cli import UsageError, bool_flag, default_loader_workers, user_errors
 from utils.train import run
 from utils.train.loss import DINOLoss
 from utils.train.optim import CLIP_MODES
@@ -153,7 +151,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--saveckp_freq", default=20, type=int, help="keep checkpointNNNN.pth every this many epochs")
     data.add_argument("--seed", default=0, type=int, help="random seed")
     data.add_argument(
-        "--num_workers", default=min(8, torch.get_num_threads()), type=int, help="data loading workers per process"
+        "--num_workers",
+        default=default_loader_workers(),
+        type=int,
+        help="data loading workers per process (default: this process's CPUs, at most 8)",
     )
     data.add_argument(
         "--knn_every",
