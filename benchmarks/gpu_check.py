@@ -181,10 +181,12 @@ class Check:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def release(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+
+def release_memory() -> None:
+    """Free what dropped runs held (the CUDA caching allocator's blocks too), so that the next run starts clean."""
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def schedule_of(run: DINOPretraining) -> StepSchedule:
@@ -299,19 +301,15 @@ def precision_check(check: Check, report: dict) -> dict:
             if initial is None:
                 initial = {"student": copy.deepcopy(run.student_module.state_dict())}
                 initial["teacher"] = copy.deepcopy(run.teacher.state_dict())
-            run.student_module.load_state_dict(initial["student"])
-            run.teacher.load_state_dict(initial["teacher"])
-            torch.manual_seed(0)
-            values = [step(run, fixed[i % len(fixed)]) for i in range(cfg["agree_steps"])]
-            losses = torch.stack([v.loss for v in values]).tolist()
-            result |= {"loss_first": losses[0], "loss_last": losses[-1], "losses": losses}
-            result["skipped"] = torch.stack([v.skipped for v in values]).sum().item()  # non-finite loss
-            result["scaler_backoffs"] = torch.stack([v.scaler_backoff for v in values]).sum().item()
-            del run, values
-            check.release()
+            result |= identical_steps(run, initial, fixed, cfg["agree_steps"])
+            run = None
+            release_memory()
             result |= step_speed(check, precision, fixed[0], report)
         except Exception as error:  # one precision's failure is reported, the others still run
             result["error"] = describe(error)
+        finally:
+            run = None
+            release_memory()
     reference = results["fp32"].get("loss_last")
     for precision in PRECISIONS:
         loss = results[precision].get("loss_last")
@@ -319,6 +317,22 @@ def precision_check(check: Check, report: dict) -> dict:
             gap = abs(loss - reference) / abs(reference)
             results[precision] |= {"relative_gap_to_fp32": gap, "agrees_with_fp32": gap <= LOSS_RTOL}
     return results
+
+
+def identical_steps(run: DINOPretraining, initial: dict, fixed: list, n: int) -> dict:
+    """``n`` steps of ``run`` from the ``initial`` student and teacher weights on the ``fixed`` batches in turn."""
+    run.student_module.load_state_dict(initial["student"])
+    run.teacher.load_state_dict(initial["teacher"])
+    torch.manual_seed(0)
+    values = [step(run, fixed[i % len(fixed)]) for i in range(n)]
+    losses = torch.stack([v.loss for v in values]).tolist()
+    return {
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "losses": losses,
+        "skipped": torch.stack([v.skipped for v in values]).sum().item(),  # non-finite loss
+        "scaler_backoffs": torch.stack([v.scaler_backoff for v in values]).sum().item(),
+    }
 
 
 def step_speed(check: Check, precision: str, crops: list[torch.Tensor], report: dict) -> dict:
@@ -337,8 +351,6 @@ def step_speed(check: Check, precision: str, crops: list[torch.Tensor], report: 
     if isinstance(flops, int) and isinstance(peak, float):
         result["backbone_tflops"] = flops / seconds / 1e12
         result["mfu"] = result["backbone_tflops"] / peak
-    del run
-    check.release()
     return result
 
 
@@ -417,30 +429,37 @@ PIPELINES = {
 
 def data_wait(check: Check) -> dict:
     """Per pipeline: images/s end to end and fed a fixed device batch, and the fraction of time spent waiting."""
-    cfg, results = check.cfg, {}
+    results = {}
     for name, flags in PIPELINES.items():
         try:
-            run = check.run(**flags)
-            feed = batches(run)
-            fixed = itertools.repeat([c.to(check.device) for c in next(feed)])
-            time_steps(check, run, feed, cfg["warmup"])
-            time_steps(check, run, fixed, cfg["warmup"])
-            loop = compute = 0.0
-            for _ in range(DATA_ROUNDS):  # alternated, so that a change of load hits both alike
-                loop += time_steps(check, run, feed, cfg["repeats"])
-                compute += time_steps(check, run, fixed, cfg["repeats"])
-            images = cfg["batch"] * cfg["repeats"] * DATA_ROUNDS
-            results[name] = {
-                "num_workers": run.args.num_workers,
-                "images_per_s": images / loop,
-                "images_per_s_fixed_batch": images / compute,
-                "wait_fraction": min(max(1.0 - compute / loop, 0.0), 1.0),
-            }
-            del run, feed, fixed
-            check.release()
+            results[name] = pipeline_wait(check, flags)
         except Exception as error:  # one pipeline's failure is reported, the other still runs
             results[name] = {"error": describe(error)}
+        finally:
+            release_memory()
     return results
+
+
+def pipeline_wait(check: Check, flags: dict) -> dict:
+    """One pipeline of :func:`data_wait`: a run built with ``flags``, its loader against a fixed batch."""
+    cfg = check.cfg
+    run = check.run(**flags)
+    feed = batches(run)
+    fixed = itertools.repeat([c.to(check.device) for c in next(feed)])
+    time_steps(check, run, feed, cfg["warmup"])
+    time_steps(check, run, fixed, cfg["warmup"])
+    loop = compute = 0.0
+    for _ in range(DATA_ROUNDS):  # alternated, so that a change of load hits both alike
+        loop += time_steps(check, run, feed, cfg["repeats"])
+        compute += time_steps(check, run, fixed, cfg["repeats"])
+    feed.close()  # stops the loader's workers or prefetch thread
+    images = cfg["batch"] * cfg["repeats"] * DATA_ROUNDS
+    return {
+        "num_workers": run.args.num_workers,
+        "images_per_s": images / loop,
+        "images_per_s_fixed_batch": images / compute,
+        "wait_fraction": min(max(1.0 - compute / loop, 0.0), 1.0),
+    }
 
 
 @contextlib.contextmanager
@@ -502,8 +521,8 @@ def compile_check(check: Check) -> dict:
         first = time_steps(check, run, feed, cfg["warmup"])
         seconds[name] = time_steps(check, run, feed, cfg["repeats"]) / cfg["repeats"]
         result[f"{name}_step_s"], result[f"{name}_first_steps_s"] = seconds[name], first
-        del run
-        check.release()
+        run = None
+        release_memory()
     result["speedup"] = seconds["plain"] / seconds["compiled"]
     return result
 
@@ -544,6 +563,7 @@ def run_section(report: dict, name: str, function: Callable[[], dict]) -> None:
     except Exception as error:  # a failing section is reported, the rest of the check still runs
         report[name] = {"error": describe(error)}
         traceback.print_exc()
+    release_memory()
     report["section_s"][name] = time.perf_counter() - start
 
 
