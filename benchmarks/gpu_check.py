@@ -616,6 +616,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data_path", default=None, help="64 px training images (default: the synthetic dataset)")
     parser.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to leave out")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: CUDA is not available to torch {torch.__version__} (CUDA {torch.version.cuda})")
+    if not args.quick and not torch.cuda.is_available():
+        print("gpu_check: no GPU: the full preset takes long on a CPU (--quick: tiny sizes)", file=sys.stderr)
     cfg = preset_config(args, QUICK, FULL)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -153,3 +153,10 @@ def test_compile_section_runs_with_a_stand_in_compiler(monkeypatch, tmp_path):
     result = gpu_check.compile_check(check)
     assert result["plain_step_s"] > 0 and result["compiled_step_s"] > 0
     assert result["speedup"] == pytest.approx(result["plain_step_s"] / result["compiled_step_s"])
+
+
+def test_asking_for_cuda_without_it_is_a_usage_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check.main(["--device", "cuda", "--quick"])
+    assert exit_.value.code == 2
