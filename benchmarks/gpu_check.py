@@ -192,7 +192,8 @@ def release_memory() -> None:
 def schedule_of(run: DINOPretraining) -> StepSchedule:
     """Constant scheduled values: the peak learning rate (scaled by the batch), the weight decay, the momentum."""
     args = run.args
-    return StepSchedule(args.lr * args.batch_size_per_gpu / 256.0, args.weight_decay, args.momentum_teacher)
+    lr = args.lr * args.batch_size_per_gpu / 256.0
+    return StepSchedule(lr=lr, weight_decay=args.weight_decay, momentum=args.momentum_teacher)
 
 
 def step(run: DINOPretraining, crops: list[torch.Tensor]):
@@ -227,6 +228,7 @@ def time_steps(check: Check, run: DINOPretraining, feed: Iterator[list[torch.Ten
 
 
 def device_info(check: Check) -> dict:
+    """What the device is and what it runs: name, versions, capability, memory, TF32 flags, the auto precision."""
     info = {
         "device": str(check.device),
         "torch": torch.__version__,

@@ -160,3 +160,11 @@ def test_asking_for_cuda_without_it_is_a_usage_error(monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         gpu_check.main(["--device", "cuda", "--quick"])
     assert exit_.value.code == 2
+
+
+def test_tf32_context_sets_both_flags_and_restores_them():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    for mode, expected in (("on", (True, True)), ("off", (False, False)), ("default", saved)):
+        with gpu_check.tf32(mode):
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == expected
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == saved
