@@ -10,7 +10,16 @@ from collections.abc import Iterator
 from utils.runtime.distributed import cpus_per_process
 from utils.runtime.errors import UsageError, UserError
 
-__all__ = ["UsageError", "add_backbone_flags", "add_data_flags", "bool_flag", "default_loader_workers", "user_errors"]
+__all__ = [
+    "PRECISIONS",
+    "UsageError",
+    "add_backbone_flags",
+    "add_data_flags",
+    "add_precision_flag",
+    "bool_flag",
+    "default_loader_workers",
+    "user_errors",
+]
 
 #: The most data-loading workers a process gets by default.
 MAX_DEFAULT_WORKERS = 8
@@ -44,8 +53,9 @@ def user_errors(prog: str | None = None) -> Iterator[None]:
         raise SystemExit(2) from None
 
 
-def add_backbone_flags(parser: argparse.ArgumentParser, image_size: int = 128) -> argparse.ArgumentParser:
-    """The flags every evaluation script shares to choose a frozen backbone and its weights."""
+def add_backbone_flags(parser: argparse.ArgumentParser, image_size: int | None = 128) -> argparse.ArgumentParser:
+    """The flags every evaluation script shares to choose a frozen backbone and its weights; ``--image_size``
+    (default ``image_size``) unless ``image_size`` is None (for a script that declares its own input-size flag)."""
     group = parser.add_argument_group("backbone")
     group.add_argument(
         "--arch",
@@ -54,7 +64,10 @@ def add_backbone_flags(parser: argparse.ArgumentParser, image_size: int = 128) -
         help="vit_tiny, vit_small, vit_base, vit_large (timm's vit_*_patch{P}_224), or a timm ViT name",
     )
     group.add_argument("--patch_size", default=16, type=int, help="ViT patch size in pixels (for the short arch names)")
-    group.add_argument("--image_size", default=image_size, type=int, help="side of the (centre-cropped) input image")
+    if image_size is not None:
+        group.add_argument(
+            "--image_size", default=image_size, type=int, help="side of the (centre-cropped) input image"
+        )
     group.add_argument(
         "--pretrained_weights",
         default="",
@@ -77,6 +90,22 @@ def add_backbone_flags(parser: argparse.ArgumentParser, image_size: int = 128) -
         "--trust_checkpoint",
         action="store_true",
         help="allow full unpickling of the weights file (runs code from the file: trusted files only)",
+    )
+    return parser
+
+
+#: ``--precision`` choices: ``auto`` picks bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU.
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def add_precision_flag(parser, help_prefix: str = "") -> argparse.ArgumentParser:
+    """``--precision {auto,fp32,fp16,bf16}`` (default auto) with main_dino.py's meaning, on ``parser`` (a parser or an
+    argument group); ``help_prefix`` says what it applies to in this script."""
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=list(PRECISIONS),
+        help=f"{help_prefix}auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU",
     )
     return parser
 
