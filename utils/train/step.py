@@ -133,10 +133,9 @@ def train_step(state: DINOState, crops: list[torch.Tensor], epoch: int, schedule
         grad_norm = clip_gradients(state.trainable, state.clip_grad, state.clip_grad_mode).to(loss.device)
     cancel_gradients_last_layer(epoch, state.student_module, state.freeze_last_layer)
 
-    local = torch.stack(
-        [dino.loss.detach().float(), koleo.detach().float(), ~torch.isfinite(loss.detach()), ~torch.isfinite(grad_norm)]
-    )
-    dino_sum, koleo_sum, bad_losses, bad_gradients = all_reduce_sum(local.float()).unbind()
+    bad_loss, bad_gradient = ~torch.isfinite(loss.detach()), ~torch.isfinite(grad_norm)
+    local = torch.stack([dino.loss.detach(), koleo.detach(), bad_loss, bad_gradient]).float()
+    dino_sum, koleo_sum, bad_losses, bad_gradients = all_reduce_sum(local).unbind()  # summed over processes
     update = (bad_losses == 0) & (bad_gradients == 0)
     if state.scaler is not None:  # overflowed gradients of a finite loss: the scaler skips the step and backs off
         skipped, backoff = bad_losses > 0, (bad_losses == 0) & (bad_gradients > 0)
