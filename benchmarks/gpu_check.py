@@ -211,7 +211,7 @@ def batches(run: DINOPretraining) -> Iterator[list[torch.Tensor]]:
 
 def device_batches(check: Check, run: DINOPretraining, count: int) -> list[list[torch.Tensor]]:
     """The first ``count`` batches of ``run``'s loader, on the device."""
-    return [[c.to(check.device) for c in crops] for crops in itertools.islice(batches(run), count)]
+    return [[c.to(check.device, copy=True) for c in crops] for crops in itertools.islice(batches(run), count)]
 
 
 def time_steps(check: Check, run: DINOPretraining, feed: Iterator[list[torch.Tensor]], n: int) -> float:
@@ -412,7 +412,7 @@ def host_syncs(check: Check) -> dict:
     """Per iteration, at ``--precision auto``: the step alone and the whole iteration (cached loader + step)."""
     run = check.run(cache_images="on", batched_aug="on", num_workers=0)
     feed = batches(run)
-    fixed = [c.to(check.device) for c in next(feed)]
+    fixed = [c.to(check.device, copy=True) for c in next(feed)]
     n = check.cfg["sync_steps"]
     return {
         "step": count_syncs(check, lambda: step(run, fixed), n),
@@ -447,7 +447,7 @@ def pipeline_wait(check: Check, flags: dict) -> dict:
     cfg = check.cfg
     run = check.run(**flags)
     feed = batches(run)
-    fixed = itertools.repeat([c.to(check.device) for c in next(feed)])
+    fixed = itertools.repeat([c.to(check.device, copy=True) for c in next(feed)])
     time_steps(check, run, feed, cfg["warmup"])
     time_steps(check, run, fixed, cfg["warmup"])
     loop = compute = 0.0
