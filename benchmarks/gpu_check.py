@@ -210,7 +210,7 @@ def batches(run: DINOPretraining) -> Iterator[list[torch.Tensor]]:
 
 
 def device_batches(check: Check, run: DINOPretraining, count: int) -> list[list[torch.Tensor]]:
-    """The first ``count`` batches of ``run``'s loader, on the device."""
+    """The first ``count`` batches of ``run``'s loader, copied to the device (a loader may reuse its buffers)."""
     return [[c.to(check.device, copy=True) for c in crops] for crops in itertools.islice(batches(run), count)]
 
 
