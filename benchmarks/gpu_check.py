@@ -613,9 +613,13 @@ def print_table(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = base_parser(__doc__, "step measurement (steps timed)")
+    parser = base_parser(__doc__, "measurement (steps timed per measurement)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="the device to check")
-    parser.add_argument("--data_path", default=None, help="64 px training images (default: the synthetic dataset)")
+    parser.add_argument(
+        "--data_path",
+        default=None,
+        help="a dataset root as main_dino's --data_path, e.g. data/tiny-imagenet-200 (default: a synthetic set)",
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to leave out")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
