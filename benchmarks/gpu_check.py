@@ -1,6 +1,7 @@
 """Check a training device with one command: precision, speed, data wait, host synchronisations, augmentation.
 
-The first command to run on a GPU (at most a few minutes on one GPU; ``--quick`` on a CPU in the test suite):
+The first command to run on a GPU (sized to finish within 8 minutes on one GPU; ``--quick`` on a CPU in the test
+suite):
 
     python benchmarks/gpu_check.py                        # the training device (CUDA when available)
     python benchmarks/gpu_check.py --device cpu --quick   # tiny sizes, seconds to a minute on a CPU
@@ -38,8 +39,8 @@ Sections (each runs on its own: one that raises reports ``{"error": ...}`` in it
   largest and mean absolute difference and the tolerance all but a fraction :data:`AUG_OUTLIER_FRACTION` of the
   values need (``needed_atol``), per setting of TF32 (``default``: PyTorch's, matrix products in fp32 and
   convolutions in TF32; ``off``; ``on``), and the fraction of values beyond :data:`AUG_ATOL_FP32` (TF32 off) or
-  :data:`AUG_ATOL_TF32` (TF32 on). On a CPU, the tensor path (the one other devices run) against the compiled
-  kernels.
+  :data:`AUG_ATOL_TF32` (TF32 on, and default: the blur's convolutions). On a CPU, the tensor path (the one other
+  devices run) against the compiled kernels.
 - ``compile``: ``--compile`` against the plain step: compilation time (the first steps) and the speed-up (skipped
   by ``--quick`` on a CPU, where inductor's C++ compilation takes minutes).
 - ``projection``: the original notebook's job (300 epochs of TinyImageNet's 100,000 images) on this device at the
