@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from utils.data.augment import per_image
 from utils.data.augment.per_image import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
 
 N = 400
@@ -44,7 +43,6 @@ def visible_blur_and_solarise(monkeypatch):
 
     monkeypatch.setattr(Image.Image, "filter", fill_if_blur)
     monkeypatch.setattr(ImageOps, "solarize", fill_solarise)
-    monkeypatch.setattr(per_image.ImageOps, "solarize", fill_solarise, raising=False)
 
 
 def test_blur_and_solarisation_probabilities_per_view(visible_blur_and_solarise):
