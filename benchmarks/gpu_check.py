@@ -46,7 +46,7 @@ Sections (each runs on its own: one that raises reports ``{"error": ...}`` in it
 - ``projection``: the original notebook's job (300 epochs of TinyImageNet's 100,000 images) on this device at the
   end-to-end images/s of the cache + batched augmentation: ``300 * 100000 / images_per_s`` seconds.
 
-Prints a table; the last line of stdout is the JSON report.
+Prints a table; the last line of stdout is the JSON report (``--json FILE``: also written there, after every section).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ import copy
 import gc
 import io
 import itertools
+import json
 import math
 import platform
 import sys
@@ -662,6 +663,9 @@ def main(argv: list[str] | None = None) -> dict:
                 report[key] = {"skipped": "--quick on a CPU: inductor's C++ compilation takes minutes there"}
             else:
                 run_section(report, key, function)
+            if args.json:  # what is done so far survives an interrupted check
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         run_section(report, "projection", lambda: projection(report))
     report["total_s"] = time.perf_counter() - start
     print_table(report)
