@@ -51,6 +51,19 @@ def test_split_argv_keeps_launcher_flags_and_passes_the_rest_in_order():
     assert rest == ["--loc", "x", "--nodes", "5"]
 
 
+def test_the_launcher_runs_each_scripts_main_on_parsed_flags():
+    import eval_knn
+    import eval_linear
+    import eval_stl10
+    import main_dino
+
+    modules = {"main_dino": main_dino, "eval_knn": eval_knn, "eval_linear": eval_linear, "eval_stl10": eval_stl10}
+    assert {name: entry.main for name, entry in SCRIPTS.items()} == {n: m.main for n, m in modules.items()}
+    assert SCRIPTS["eval_knn"].parse(["--nb_knn", "3"]).nb_knn == [3]
+    with pytest.raises(UsageError, match="--nb_knn values must be positive"):  # the script's own checks
+        SCRIPTS["eval_knn"].parse(["--nb_knn", "0"])
+
+
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_no_launcher_flag_shadows_a_script_flag(script):
     launcher = {s for a in run_with_submitit.get_args_parser()._actions for s in a.option_strings} - {"-h", "--help"}

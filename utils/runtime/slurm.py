@@ -55,11 +55,10 @@ class ScriptEntry:
 
     @classmethod
     def of(cls, module: ModuleType) -> ScriptEntry:
-        """The entry of a script module that exposes ``main(args)`` and ``get_args_parser()``. A script whose
-        ``main`` still parses ``argv`` (no ``cli`` beside it) runs through its body function under the old name."""
-        main = module.main if hasattr(module, "cli") else getattr(module, "train_dino", module.main)
+        """The entry of a script module that exposes ``main(args)``, ``get_args_parser()`` and, optionally,
+        ``validate_args(args)``."""
         name = module.__name__.rsplit(".", 1)[-1]
-        return cls(name, main, module.get_args_parser, getattr(module, "validate_args", None))
+        return cls(name, module.main, module.get_args_parser, getattr(module, "validate_args", None))
 
     def parser(self) -> argparse.ArgumentParser:
         """The script's own parser, whose errors raise :class:`UsageError` (one line) instead of exiting."""
