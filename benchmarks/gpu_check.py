@@ -578,6 +578,8 @@ def fmt(value, spec: str = ".3g") -> str:
 def print_table(report: dict) -> None:
     d = report["device"]
     print(f"gpu_check on {d.get('name')} ({d.get('device')}), torch {d.get('torch')}, CUDA {d.get('cuda')}")
+    shown = ("name", "device", "torch", "cuda")
+    print("device: " + ", ".join(f"{k} {fmt(v)}" for k, v in d.items() if k not in shown))
     c = report["config"]
     print(
         f"config: {c['arch']}, 2 x {c['global']} px + {c['local_crops']} x {c['local']} px, batch {c['batch']}, "
