@@ -21,7 +21,9 @@ NETGUARD_DIR = ROOT / "tests" / "netguard"
 #: this module is imported twice (as ``conftest`` by pytest, as ``tests.conftest`` by tests), and the processes the
 #: tests start inherit it.
 SESSION_ENV = "TINYDINO_TEST_SESSION_DIR"
-if not os.environ.get(SESSION_ENV):
+#: Whether this process made the folder (a pytest run inside a test reuses its parent's and leaves it in place).
+OWNS_SESSION_DIR = not os.environ.get(SESSION_ENV)
+if OWNS_SESSION_DIR:
     os.environ[SESSION_ENV] = tempfile.mkdtemp(prefix="tinydino-tests-")
 SESSION_DIR = Path(os.environ[SESSION_ENV])
 NETWORK_LOG = SESSION_DIR / "network-attempts.log"
@@ -109,7 +111,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(SESSION_DIR, ignore_errors=True)
+    if OWNS_SESSION_DIR:
+        shutil.rmtree(SESSION_DIR, ignore_errors=True)
 
 
 #: Flags that make a pretraining run tiny (seconds on a 2-core CPU).
