@@ -70,6 +70,7 @@ from torch.utils.data import Dataset
 
 from utils.data.download import progress_bar
 from utils.runtime.errors import DatasetError, UsageError
+from utils.runtime.files import fsync_path
 
 __all__ = [
     "FORMAT_VERSION",
@@ -272,14 +273,6 @@ def _entry_is_valid(entry: Path, key: str | None = None) -> bool:
     )
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, array)
@@ -439,7 +432,7 @@ def build_image_cache(
             )
         else:
             os.replace(full, tmp / _IMAGES)
-        _fsync(tmp / _IMAGES)
+        fsync_path(tmp / _IMAGES)
         labels = np.array([samples[i][1] for i in keep], dtype=np.int64)
         _save_npy(tmp / _LABELS, labels)
         _save_npy(tmp / _INDICES, keep)
