@@ -216,8 +216,11 @@ class DINOPretraining:
 
     # ---- the run -------------------------------------------------------------------------------------------------
     def evaluate(self) -> dict:
+        """The teacher backbone's online k-NN result (a collective call): the main process classifies, and every
+        process gets its result, so that records and checkpoints agree across ranks."""
         a = self.args
-        return evaluate_knn(self.teacher.backbone, *self.knn_data, self.ctx.device, a.batch_size_per_gpu, a.num_workers)
+        knn = evaluate_knn(self.teacher.backbone, *self.knn_data, self.ctx, a.batch_size_per_gpu, a.num_workers)
+        return all_gather_objects(knn)[0]
 
     def run(self) -> dict:
         args = self.args
