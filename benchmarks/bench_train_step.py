@@ -32,7 +32,12 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.bench_common import add_host_memory_flag, base_parser, emit_report, preset_config  # noqa: E402
-from benchmarks.reference_step import looped_dino_loss, reference_optimizer, use_official_last_layer  # noqa: E402
+from benchmarks.reference_step import (  # noqa: E402
+    looped_dino_loss,
+    official_clip_gradients,
+    reference_optimizer,
+    use_official_last_layer,
+)
 from utils.model.vit import build_dino_models, group_by_resolution  # noqa: E402
 from utils.runtime.host_memory import configure_host_memory  # noqa: E402
 from utils.train.loss import DINOLoss  # noqa: E402
@@ -125,8 +130,9 @@ class Timer:
 
 
 def official_step(parts, crops, timer: Timer) -> None:
-    """The official structure: looped loss, per-tensor AdamW, loss.item() every step, Python-loop EMA, the head's last
-    layer as ``nn.utils.weight_norm``."""
+    """The official structure: looped loss, per-tensor AdamW, loss.item() every step, each parameter's gradient
+    clipped on its own (official ``clip_gradients``, as the lean step's default ``clip_grad_mode="param"``),
+    Python-loop EMA, the head's last layer as ``nn.utils.weight_norm``."""
     student, teacher, loss_module, optimizer = parts
     set_schedule_values(optimizer, 1e-4, 0.04)
     with timer.phase("teacher_forward"), torch.no_grad():
@@ -138,7 +144,7 @@ def official_step(parts, crops, timer: Timer) -> None:
         optimizer.zero_grad()
         loss.backward()
     with timer.phase("optimizer"):
-        torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.grad is not None], 3.0, foreach=False)
+        official_clip_gradients(student, 3.0)
         optimizer.step()
     with timer.phase("ema"), torch.no_grad():
         for param_q, param_k in zip(student.parameters(), teacher.parameters()):
@@ -199,6 +205,7 @@ def lean_state_of(student, teacher, loss_module, device) -> DINOState:
         scaler=None,
         device=device,
         clip_grad=3.0,
+        clip_grad_mode="param",
         freeze_last_layer=0,
     )
 
