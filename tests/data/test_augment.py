@@ -187,20 +187,23 @@ def test_multicrop_config_from_args_and_both_paths_take_it():
 
 
 def test_multicrop_config_accepts_the_settings_and_checks_them():
-    positional = MultiCropConfig.coerce((0.5, 1.0), (0.1, 0.5), 3, 40, 24)  # the older positional form
-    assert positional == MultiCropConfig.coerce(
+    keywords = MultiCropConfig.coerce(
         global_crops_scale=(0.5, 1.0),
         local_crops_scale=(0.1, 0.5),
         local_crops_number=3,
         global_crop_size=40,
         local_crop_size=24,
     )
-    assert BatchedMultiCrop((0.5, 1.0), (0.1, 0.5), 3, 40, 24).config == positional
+    assert (keywords.global_crops_scale, keywords.local_crops_scale) == ((0.5, 1.0), (0.1, 0.5))
+    assert (keywords.local_crops_number, keywords.global_crop_size, keywords.local_crop_size) == (3, 40, 24)
+    assert MultiCropConfig.coerce(keywords) is keywords
     assert DataAugmentationDINO(local_crops_number=3).config == MultiCropConfig(local_crops_number=3)
-    with pytest.raises(TypeError, match="twice"):
-        MultiCropConfig.coerce((0.5, 1.0), global_crops_scale=(0.5, 1.0))
+    with pytest.raises(TypeError):
+        BatchedMultiCrop((0.5, 1.0), (0.1, 0.5), 3, 40, 24)  # settings are keywords, or one MultiCropConfig
+    with pytest.raises(TypeError, match="MultiCropConfig"):
+        DataAugmentationDINO((0.5, 1.0))
     with pytest.raises(TypeError, match="not both"):
-        MultiCropConfig.coerce(positional, local_crops_number=2)
+        MultiCropConfig.coerce(keywords, local_crops_number=2)
     with pytest.raises(ValueError, match="global_crops_scale"):
         MultiCropConfig(global_crops_scale=(0.6, 0.4))
     with pytest.raises(ValueError, match="local_crops_number"):

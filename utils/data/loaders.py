@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from utils.data.augment.batched import BatchedMultiCrop
+from utils.data.augment.config import MultiCropConfig
 from utils.data.augment.per_image import eval_transform
 from utils.data.device_loader import CachedMultiCropLoader
 from utils.data.folders import build_image_dataset, has_labels
@@ -131,17 +132,14 @@ def open_cache(dataset, cache_dir: Path, name: str, transform) -> CachedImages:
     return cached_image_dataset(dataset, cache_dir, name=name, transform=transform, verbose=is_main_process())
 
 
-def build_cached_loader(args, dataset, cache_dir: Path, ctx: DistributedContext) -> CachedMultiCropLoader:
-    """The fast path: uint8 batches from the cache, augmented as whole batches on the training device."""
+def build_cached_loader(
+    args, dataset, cache_dir: Path, ctx: DistributedContext, crops: MultiCropConfig
+) -> CachedMultiCropLoader:
+    """The fast path: uint8 batches from the cache, augmented as whole batches (multi-crop ``crops``) on the
+    training device."""
     cache = open_cache(dataset, cache_dir, "train", None)
     sampler = ResumableSampler(cache, num_replicas=ctx.world_size, rank=ctx.rank, seed=args.seed)
-    augment = BatchedMultiCrop(
-        args.global_crops_scale,
-        args.local_crops_scale,
-        args.local_crops_number,
-        args.global_crop_size,
-        args.local_crop_size,
-    )
+    augment = BatchedMultiCrop(crops)
     on_device = (
         ctx.device.type == "cuda"
         and cache.images.nbytes < 0.25 * torch.cuda.get_device_properties(ctx.device).total_memory

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from utils.data.augment.config import MultiCropConfig
 from utils.data.augment.per_image import DataAugmentationDINO
 from utils.data.folders import build_image_dataset
 from utils.data.loaders import (
@@ -66,18 +67,13 @@ class DINOPretraining:
         # The checkpoint to resume from is read (and an unsafe one refused) before any data is prepared or cached.
         self.resume_from = load_latest_checkpoint(self.output_dir, warn=log)
         self.data_path = prepare_data_path(args.dataset, args.data_path, args.download, is_main=ctx.is_main)
-        augmentation = DataAugmentationDINO(
-            args.global_crops_scale,
-            args.local_crops_scale,
-            args.local_crops_number,
-            args.global_crop_size,
-            args.local_crop_size,
-        )
+        crops = MultiCropConfig.from_args(args)
+        augmentation = DataAugmentationDINO(crops)
         self.dataset = build_image_dataset(self.data_path, "train", transform=augmentation)
         check_batch_fits(len(self.dataset), args.batch_size_per_gpu, ctx.world_size)
         self.cache_dir = resolve_image_cache(args, self.dataset, self.data_path, ctx)
         if self.cache_dir is not None and args.batched_aug != "off":
-            self.loader = build_cached_loader(args, self.dataset, self.cache_dir, ctx)
+            self.loader = build_cached_loader(args, self.dataset, self.cache_dir, ctx, crops)
             pipeline = f"decoded-image cache + batched augmentation on {ctx.device}"
         else:
             if self.cache_dir is not None:  # the per-image pipeline on cached pixels: no JPEG decoding

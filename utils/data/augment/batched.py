@@ -439,10 +439,10 @@ class BatchedMultiCrop(nn.Module):
     counterpart of :class:`utils.data.augment.per_image.DataAugmentationDINO` (same settings, same distributions;
     see the module docstring for the numerical differences). ``images``: uint8 ``[B, 3, H, W]`` on any device.
 
-    Settings: a :class:`~utils.data.augment.config.MultiCropConfig` (or its settings, see
-    :meth:`~utils.data.augment.config.MultiCropConfig.coerce`). ``generator``: a :class:`torch.Generator` or an
-    integer seed for the whole batch (e.g. ``utils.runtime.rng.sample_seed(seed, epoch, rank, step)``); the output
-    is a pure function of the images and the seed (and of the generator's state for a generator).
+    Settings: a :class:`~utils.data.augment.config.MultiCropConfig`, or its fields as keywords. ``generator``: a
+    :class:`torch.Generator` or an integer seed for the whole batch (e.g.
+    ``utils.runtime.rng.sample_seed(seed, epoch, rank, step)``); the output is a pure function of the images and the
+    seed (and of the generator's state for a generator).
     ``chunk_size``: samples processed together (default: :data:`CPU_CHUNK_PIXELS` worth on a CPU, the whole batch
     elsewhere); results do not depend on it. ``reuse_buffers``: on a CPU, keep the working tensors between chunks
     and calls (a :class:`Workspace`, about 40 MB at the default sizes; one module per thread then). ``compiled``: on
@@ -453,7 +453,8 @@ class BatchedMultiCrop(nn.Module):
 
     def __init__(
         self,
-        *config,
+        config: MultiCropConfig | None = None,
+        *,
         interpolation: str = "bicubic",
         chunk_size: int | None = None,
         reuse_buffers: bool = True,
@@ -465,7 +466,7 @@ class BatchedMultiCrop(nn.Module):
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        self.config = MultiCropConfig.coerce(*config, **settings)
+        self.config = MultiCropConfig.coerce(config, **settings)
         self.interpolation = interpolation
         self.chunk_size = chunk_size
         self.reuse_buffers = reuse_buffers

@@ -45,25 +45,17 @@ class MultiCropConfig:
         )
 
     @classmethod
-    def coerce(cls, *args, **kwargs) -> MultiCropConfig:
-        """A config given as itself, or as its settings: keywords, or positionally in field order
-        (``global_crops_scale, local_crops_scale, local_crops_number, global_crop_size, local_crop_size``)."""
-        if args and isinstance(args[0], MultiCropConfig):
-            if len(args) > 1 or kwargs:
-                raise TypeError("pass either a MultiCropConfig or its settings, not both")
-            return args[0]
-        if len(args) > len(FIELDS):
-            raise TypeError(f"at most {len(FIELDS)} positional settings ({', '.join(FIELDS)}), got {len(args)}")
-        clash = set(FIELDS[: len(args)]) & set(kwargs)
-        if clash:
-            raise TypeError(f"settings given twice: {sorted(clash)}")
-        return cls(**dict(zip(FIELDS, args)), **kwargs)
+    def coerce(cls, config: MultiCropConfig | None = None, **settings) -> MultiCropConfig:
+        """``config`` itself, or a config of the keyword ``settings`` (the defaults for those not given)."""
+        if config is None:
+            return cls(**settings)
+        if not isinstance(config, MultiCropConfig):
+            raise TypeError(f"pass a MultiCropConfig or keyword settings, got {type(config).__name__}")
+        if settings:
+            raise TypeError("pass either a MultiCropConfig or its settings, not both")
+        return config
 
     @property
     def n_views(self) -> int:
         """Views per image: 2 global + the local ones."""
         return 2 + self.local_crops_number
-
-
-#: The settings' names, in the order of the positional form accepted by :meth:`MultiCropConfig.coerce`.
-FIELDS = ("global_crops_scale", "local_crops_scale", "local_crops_number", "global_crop_size", "local_crop_size")

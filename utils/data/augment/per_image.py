@@ -47,12 +47,11 @@ class DataAugmentationDINO:
     with p 0.8, grayscale p 0.2, Gaussian blur (p 1.0 on global view 1, 0.1 on global view 2, 0.5 on local views),
     solarisation p 0.2 on global view 2, ImageNet normalisation. Returns a list of ``2 + n`` tensors
     ``[3, S, S]`` with ``S = global_crop_size`` for the first two and ``local_crop_size`` for the rest.
-    Settings: a :class:`~utils.data.augment.config.MultiCropConfig` (or its settings, see
-    :meth:`~utils.data.augment.config.MultiCropConfig.coerce`).
+    Settings: a :class:`~utils.data.augment.config.MultiCropConfig`, or its fields as keywords.
     """
 
-    def __init__(self, *config, **settings):
-        self.config = cfg = MultiCropConfig.coerce(*config, **settings)
+    def __init__(self, config: MultiCropConfig | None = None, **settings):
+        self.config = cfg = MultiCropConfig.coerce(config, **settings)
         flip_and_color_jitter = transforms.Compose(
             [
                 transforms.RandomHorizontalFlip(p=0.5),
