@@ -43,7 +43,7 @@ from utils.eval.fewshot import (
 )
 from utils.eval.knn import knn_classifier
 from utils.model.weights import build_pretrained_backbone
-from utils.runtime.cli import UsageError, add_backbone_flags, bool_flag, user_errors
+from utils.runtime.cli import UsageError, add_backbone_flags, bool_flag, default_loader_workers, user_errors
 from utils.runtime.distributed import barrier, cleanup, init_distributed_mode
 from utils.runtime.monitoring import format_duration, log
 
@@ -94,7 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--batch_size_per_gpu", default=128, type=int, help="images per process and batch")
     data.add_argument(
-        "--num_workers", default=min(8, torch.get_num_threads()), type=int, help="data loading workers per process"
+        "--num_workers", default=default_loader_workers(), type=int, help="data loading workers per process"
     )
     data.add_argument(
         "--dump_features",

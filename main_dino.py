@@ -1,6 +1,6 @@
 """DINO self-supervised pretraining of a Vision Transformer.
 
-    python main_dino.py --dataset synthetic --output_dir runs/quickstart          # one CPU or GPU
+    python main_dino.py @configs/quickstart.args                                  # one CPU or GPU; flags from a file
     torchrun --nproc_per_node=4 main_dino.py --data_path data/tiny-imagenet-200   # several GPUs (DDP)
 
 Flags follow the official facebookresearch/dino ``main_dino.py`` where the concept is the same; defaults follow the
@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from utils.model.vit import ARCH_ALIASES, check_arch
-from utils.runtime.cli import UsageError, bool_flag, default_loader_workers, user_errors
+from utils.runtime.cli import FlagFileParser, UsageError, bool_flag, default_loader_workers, user_errors
 from utils.train import run
 from utils.train.loss import DINOLoss
 from utils.train.optim import CLIP_MODES
@@ -180,10 +180,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--cache_images",
         default="auto",
         choices=["auto", "on", "off"],
-        help="decode the images once into a uint8 memory map (<data_path>/.tinydino_cache, rebuilt when the files "
-        "change); auto: when the decoded dataset fits 8 GiB",
+        help="decode the images once into a uint8 memory map in --cache_dir (rebuilt when the files change); auto: "
+        "when the decoded dataset fits 8 GiB",
     )
-    data.add_argument("--cache_dir", default=None, type=str, help="where the decoded-image cache lives")
+    data.add_argument(
+        "--cache_dir",
+        default=None,
+        type=str,
+        help="where the decoded-image cache lives (default: the per-user cache folder "
+        "$XDG_CACHE_HOME/tinydino/<dataset folder>-<hash of its path>, ~/.cache/tinydino/... when XDG_CACHE_HOME is "
+        "unset; the dataset folder is never written to)",
+    )
     data.add_argument(
         "--batched_aug",
         default="auto",
@@ -255,7 +262,7 @@ def main(args: argparse.Namespace) -> dict:
 
 def cli(argv: list[str] | None = None) -> int:
     """The command line: parse ``argv``, run :func:`main`; a user mistake exits with status 2 and one line."""
-    parser = argparse.ArgumentParser("DINO", parents=[get_args_parser()], add_help=False)
+    parser = FlagFileParser("DINO", parents=[get_args_parser()], add_help=False)
     args = parser.parse_args(argv)
     with user_errors():
         main(args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import sys
 from collections.abc import Iterator
 
@@ -12,6 +13,7 @@ from utils.runtime.errors import UsageError, UserError
 
 __all__ = [
     "PRECISIONS",
+    "FlagFileParser",
     "UsageError",
     "add_backbone_flags",
     "add_data_flags",
@@ -33,6 +35,21 @@ def bool_flag(value: str) -> bool:
     if lowered in {"false", "off", "no", "0"}:
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {value!r}")
+
+
+class FlagFileParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that also reads flags from ``@FILE`` arguments (``configs/*.args``).
+
+    A flag file holds shell words in any layout (one flag per line is usual) and ``#`` comments; its flags stand where
+    ``@FILE`` stands, so flags after it override it.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("fromfile_prefix_chars", "@")
+        super().__init__(*args, **kwargs)
+
+    def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
+        return shlex.split(arg_line, comments=True)
 
 
 def default_loader_workers() -> int:
