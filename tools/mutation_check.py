@@ -423,6 +423,8 @@ def test_selection(mutant: Mutant, all_tests: bool) -> list[str]:
 
 def mutant_work(mutant: Mutant, copy: Path, files: list[str], options: argparse.Namespace, deselect: list[str]):
     """Runs in a child process: copy, mutate, test; returns ``{"status", "killer"}``."""
+    if not mutant.tests and not options.all_tests:  # pytest would run the whole suite
+        return {"status": "error", "killer": "no tests listed for this mutant"}
     copy_tree(ROOT, files, copy)
     problem = apply_mutant(copy, mutant)
     if problem is not None:
