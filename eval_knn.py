@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from utils.data.augment.per_image import eval_transform
-from utils.data.folders import DatasetError, build_image_dataset, has_labels
+from utils.data.folders import build_image_dataset, has_labels
 from utils.data.setup import prepare_data_path
 from utils.eval.features import KNN_FEATURES, FeatureDump, extract_features
 from utils.eval.knn import knn_classifier
 from utils.model.weights import build_pretrained_backbone
-from utils.runtime.cli import UsageError, add_backbone_flags, add_data_flags, user_errors
+from utils.runtime.cli import add_backbone_flags, add_data_flags, user_errors
 from utils.runtime.distributed import cleanup, init_distributed_mode
+from utils.runtime.errors import DatasetError, UsageError
 from utils.runtime.monitoring import log
 
 __all__ = ["knn_classifier", "get_args_parser", "main", "cli"]
@@ -120,7 +121,7 @@ def format_table(rows: list[dict]) -> str:
 def main(args: argparse.Namespace) -> list[dict]:
     """The whole evaluation on parsed flags (the entry of the command line and of SLURM jobs): one
     ``{"k", "top1", "top5"}`` row per ``--nb_knn`` on the main process (appended to ``knn_results.json``), an empty
-    list on the others. User mistakes raise a :class:`~utils.runtime.cli.UsageError` (or another user error)."""
+    list on the others. User mistakes raise a :class:`~utils.runtime.errors.UsageError` (or another user error)."""
     validate_args(args)
     ctx = init_distributed_mode(args.device)
     start = time.time()

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import transforms
 
 from utils.data.augment.per_image import eval_transform, normalize, to_rgb
-from utils.data.folders import DatasetError, build_image_dataset, has_labels
+from utils.data.folders import build_image_dataset, has_labels
 from utils.data.setup import prepare_data_path
 from utils.eval.features import StridedSampler, TokenFeatures, extract_features
 from utils.eval.linear_probe import (
@@ -45,8 +45,9 @@ from utils.eval.linear_probe import (
 )
 from utils.model.weights import build_pretrained_backbone
 from utils.runtime.checkpoint import restart_from_checkpoint, save_checkpoint
-from utils.runtime.cli import UsageError, add_backbone_flags, add_data_flags, bool_flag, user_errors
+from utils.runtime.cli import add_backbone_flags, add_data_flags, bool_flag, user_errors
 from utils.runtime.distributed import all_reduce_sum, cleanup, init_distributed_mode
+from utils.runtime.errors import DatasetError, UsageError
 from utils.runtime.monitoring import ProgressMeter, TensorBoard, append_json_line, format_duration, log
 from utils.train.optim import autocast, resolve_precision
 
@@ -326,7 +327,7 @@ def run_augmented(args, ctx, backbone) -> dict:
 def main(args: argparse.Namespace) -> dict:
     """The whole probe on parsed flags (the entry of the command line and of SLURM jobs); returns the result that
     ``linear_results.json`` gets (empty on the non-main processes of the cached path). User mistakes raise
-    :class:`~utils.runtime.cli.UsageError` (or another error of ``user_error_types``)."""
+    :class:`~utils.runtime.errors.UsageError` (or another error of ``user_error_types``)."""
     validate_args(args)
     ctx = init_distributed_mode(args.device)
     torch.manual_seed(args.seed)

@@ -43,8 +43,9 @@ from utils.eval.fewshot import (
 )
 from utils.eval.knn import knn_classifier
 from utils.model.weights import build_pretrained_backbone
-from utils.runtime.cli import UsageError, add_backbone_flags, bool_flag, default_loader_workers, user_errors
+from utils.runtime.cli import add_backbone_flags, bool_flag, default_loader_workers, user_errors
 from utils.runtime.distributed import barrier, cleanup, init_distributed_mode
+from utils.runtime.errors import UsageError
 from utils.runtime.monitoring import format_duration, log
 
 #: (name in the report, metric, weighting) of the k-NN variants run for every ``--nb_knn``.
@@ -383,7 +384,7 @@ def plot(results: dict, path: Path, args: argparse.Namespace) -> Path:
 
 def main(args: argparse.Namespace) -> dict | None:
     """The whole evaluation on parsed flags (the entry of the command line and of SLURM jobs); returns the results
-    on the main process, None on the others. User mistakes raise :class:`~utils.runtime.cli.UsageError` (or another
+    on the main process, None on the others. User mistakes raise :class:`~utils.runtime.errors.UsageError` (or another
     user error)."""
     validate_args(args)
     ctx = init_distributed_mode(args.device, timeout_s=args.dist_timeout)

@@ -13,7 +13,8 @@ import argparse
 import sys
 
 from utils.model.vit import ARCH_ALIASES, check_arch
-from utils.runtime.cli import FlagFileParser, UsageError, bool_flag, default_loader_workers, user_errors
+from utils.runtime.cli import FlagFileParser, bool_flag, default_loader_workers, user_errors
+from utils.runtime.errors import UsageError
 from utils.train import run
 from utils.train.loss import DINOLoss
 from utils.train.optim import CLIP_MODES

@@ -42,7 +42,8 @@ from utils.eval.attention import (
     mask_image,
 )
 from utils.model.weights import build_pretrained_backbone
-from utils.runtime.cli import UsageError, add_backbone_flags, user_errors
+from utils.runtime.cli import add_backbone_flags, user_errors
+from utils.runtime.errors import UsageError
 
 SAMPLE_IMAGE = "china.jpg"  # one of the photographs shipped inside scikit-learn (sklearn.datasets.load_sample_image)
 
@@ -231,7 +232,7 @@ def _save_png(array: np.ndarray, path: Path, written: list[Path]) -> None:
 
 def main(args: argparse.Namespace) -> list[Path]:
     """Write the PNGs of every input image on parsed flags (the script's entry); returns their paths. User mistakes
-    raise :class:`~utils.runtime.cli.UsageError` (or another user error)."""
+    raise :class:`~utils.runtime.errors.UsageError` (or another user error)."""
     validate_args(args)
     images = iter_images(args)
     first = next(images)  # fail on a bad input before building the model

@@ -6,7 +6,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from utils.model.vit import DINOHead, ModelError, MultiCropWrapper, build_backbone, group_by_resolution
+from utils.model.vit import DINOHead, MultiCropWrapper, build_backbone, group_by_resolution
+from utils.runtime.errors import ModelError
 from utils.train.optim import build_optimizer, get_params_groups
 
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from utils.data.folders import DatasetError
 from utils.runtime.checkpoint import load_checkpoint
 from utils.runtime.distributed import all_gather_uneven, get_rank, get_world_size
+from utils.runtime.errors import DatasetError
 
 
 class StridedSampler(Sampler[int]):
