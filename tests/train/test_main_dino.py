@@ -13,6 +13,13 @@ def read_log(path):
     return [json.loads(line) for line in (path / "log.txt").read_text().splitlines()]
 
 
+def train_flags(data, out, *extra, knn_every=0):
+    """The tiny model's flags on the images at ``data``, writing to ``out``, k-NN every ``knn_every`` epochs (0: never),
+    then ``extra``."""
+    where = ["--data_path", str(data), "--output_dir", str(out)]
+    return [*TINY_TRAIN_FLAGS, *where, "--knn_every", str(knn_every), *extra]
+
+
 def tensorboard_tags(folder):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -23,7 +30,7 @@ def tensorboard_tags(folder):
 
 def test_short_run_writes_checkpoint_log_tensorboard_and_resumes(small_synthetic, tmp_path):
     out = tmp_path / "run"
-    flags = [*TINY_TRAIN_FLAGS, "--data_path", str(small_synthetic), "--output_dir", str(out), "--knn_every", "2"]
+    flags = train_flags(small_synthetic, out, knn_every=2)
     assert main_dino.cli([*flags, "--epochs", "2"]) == 0
     records = read_log(out)
     assert [r["epoch"] for r in records] == [0, 1]
@@ -64,17 +71,7 @@ def test_short_run_writes_checkpoint_log_tensorboard_and_resumes(small_synthetic
 
 def test_max_iters_stops_early_and_rerun_continues(small_synthetic, tmp_path):
     out = tmp_path / "run"
-    flags = [
-        *TINY_TRAIN_FLAGS,
-        "--data_path",
-        str(small_synthetic),
-        "--output_dir",
-        str(out),
-        "--knn_every",
-        "0",
-        "--epochs",
-        "4",
-    ]
+    flags = train_flags(small_synthetic, out, "--epochs", "4")
     assert main_dino.cli([*flags, "--max_iters", "3"]) == 0
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert ckpt["global_iter"] == 3 and ckpt["epoch"] == 0
@@ -115,19 +112,8 @@ def test_two_process_gloo_run_completes(small_synthetic, tmp_path):
     result = run_script(
         [
             "main_dino.py",
-            *TINY_TRAIN_FLAGS,
-            "--batch_size_per_gpu",
-            "4",
-            "--data_path",
-            str(small_synthetic),
-            "--output_dir",
-            str(out),
-            "--epochs",
-            "2",
-            "--knn_every",
-            "2",
-            "--koleo_loss_weight",
-            "0.1",  # the KoLeo path through DDP (features returned by the wrapped student)
+            *train_flags(small_synthetic, out, "--batch_size_per_gpu", "4", "--epochs", "2", knn_every=2),
+            *["--koleo_loss_weight", "0.1"],  # the KoLeo path through DDP (features returned by the wrapped student)
         ],
         nproc=2,
     )
@@ -144,9 +130,9 @@ def test_two_process_run_that_builds_the_image_cache_with_a_decode_pool_complete
     """Rank 0 builds the cache with a 2-process decode pool (forced on for this small dataset) while rank 1 waits at
     the barrier; the run must finish, the pool's workers joined (issue 17: a hang until the time limit)."""
     out, cache = tmp_path / "run", tmp_path / "cache"
-    flags = ["--data_path", str(small_synthetic), "--output_dir", str(out), "--cache_dir", str(cache)]
-    flags += ["--cache_images", "on", "--epochs", "1", "--knn_every", "0", "--batch_size_per_gpu", "4"]
-    result = run_script(["main_dino.py", *TINY_TRAIN_FLAGS, *flags], nproc=2, env={"TINYDINO_CACHE_WORKERS": "2"})
+    flags = train_flags(small_synthetic, out, "--cache_dir", str(cache), "--cache_images", "on", "--epochs", "1")
+    flags += ["--batch_size_per_gpu", "4"]
+    result = run_script(["main_dino.py", *flags], nproc=2, env={"TINYDINO_CACHE_WORKERS": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(2 process(es))" in result.stderr, result.stderr[-3000:]  # the pool did decode the images
     assert [r["epoch"] for r in read_log(out)] == [0]
@@ -154,20 +140,7 @@ def test_two_process_run_that_builds_the_image_cache_with_a_decode_pool_complete
 
 def test_attn_every_writes_attention_images_to_tensorboard(small_synthetic, tmp_path):
     out = tmp_path / "attn"
-    flags = [
-        *TINY_TRAIN_FLAGS,
-        "--data_path",
-        str(small_synthetic),
-        "--output_dir",
-        str(out),
-        "--knn_every",
-        "0",
-        "--epochs",
-        "2",
-        "--attn_every",
-        "1",
-    ]
-    assert main_dino.cli(flags) == 0
+    assert main_dino.cli(train_flags(small_synthetic, out, "--epochs", "2", "--attn_every", "1")) == 0
     _, acc = tensorboard_tags(out)
     image_tags = acc.Tags()["images"]
     assert sorted(image_tags) == [f"attention/image{i}" for i in range(4)]
@@ -186,19 +159,7 @@ def test_attn_every_writes_attention_images_to_tensorboard(small_synthetic, tmp_
 )
 def test_data_pipelines(small_synthetic, tmp_path, capsys, flags, expected):
     out = tmp_path / "run"
-    args = [
-        *TINY_TRAIN_FLAGS,
-        "--data_path",
-        str(small_synthetic),
-        "--output_dir",
-        str(out),
-        "--knn_every",
-        "0",
-        "--epochs",
-        "1",
-        *flags,
-    ]
-    assert main_dino.cli(args) == 0
+    assert main_dino.cli(train_flags(small_synthetic, out, "--epochs", "1", *flags)) == 0
     assert expected in capsys.readouterr().out
     assert len(read_log(out)) == 1
 
@@ -206,21 +167,7 @@ def test_data_pipelines(small_synthetic, tmp_path, capsys, flags, expected):
 @pytest.mark.slow
 def test_compile_flag_trains(small_synthetic, tmp_path):
     out = tmp_path / "compiled"
-    flags = [
-        *TINY_TRAIN_FLAGS,
-        "--data_path",
-        str(small_synthetic),
-        "--output_dir",
-        str(out),
-        "--knn_every",
-        "0",
-        "--epochs",
-        "1",
-        "--max_iters",
-        "2",
-        "--compile",
-    ]
-    assert main_dino.cli(flags) == 0
+    assert main_dino.cli(train_flags(small_synthetic, out, "--epochs", "1", "--max_iters", "2", "--compile")) == 0
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert ckpt["global_iter"] == 2
     assert not any(k.startswith("_orig_mod") for k in ckpt["student"])  # plain keys, loadable without compile
