@@ -1,11 +1,10 @@
-import json
-
 import pytest
 import torch
 
 import eval_knn
 from tests.conftest import run_script
 from tests.eval.test_eval_semantics import official_knn
+from tests.helpers import eval_flags, read_json_lines
 from utils.data.augment.per_image import eval_transform
 from utils.data.folders import build_image_dataset
 from utils.eval.features import FeatureDump
@@ -33,30 +32,12 @@ def test_two_process_extraction_equals_one_process_in_order(small_synthetic, tmp
 
 
 def test_eval_knn_end_to_end_on_a_pretrained_checkpoint(small_synthetic, tiny_checkpoint, tmp_path, capsys):
-    flags = [
-        "--pretrained_weights",
-        str(tiny_checkpoint),
-        "--checkpoint_key",
-        "teacher",
-        "--data_path",
-        str(small_synthetic),
-        "--image_size",
-        "32",
-        "--num_workers",
-        "0",
-        "--output_dir",
-        str(tmp_path),
-        "--nb_knn",
-        "1",
-        "5",
-        "20",
-        "--dump_features",
-        str(tmp_path / "feats"),
-    ]
+    flags = eval_flags(tiny_checkpoint, small_synthetic, tmp_path, "--checkpoint_key", "teacher")
+    flags += ["--nb_knn", "1", "5", "20", "--dump_features", str(tmp_path / "feats")]
     assert eval_knn.cli(flags) == 0
     printed = capsys.readouterr().out
     assert "top-1" in printed
-    record = json.loads((tmp_path / "knn_results.json").read_text().splitlines()[-1])
+    record = read_json_lines(tmp_path / "knn_results.json")[-1]
     assert [r["k"] for r in record["results"]] == [1, 5, 20]
     for name in FeatureDump.FILES.values():
         assert (tmp_path / "feats" / name).is_file()
@@ -76,7 +57,7 @@ def test_eval_knn_end_to_end_on_a_pretrained_checkpoint(small_synthetic, tiny_ch
 
     # Reloading the dumped features gives the same numbers, and appends a second record.
     assert eval_knn.cli([*flags[:-2], "--load_features", str(tmp_path / "feats")]) == 0
-    records = [json.loads(line) for line in (tmp_path / "knn_results.json").read_text().splitlines()]
+    records = read_json_lines(tmp_path / "knn_results.json")
     assert len(records) == 2 and records[1]["results"] == records[0]["results"]
 
 
@@ -84,24 +65,8 @@ def test_eval_knn_euclidean_uniform_matches_sklearn_on_dumped_features(small_syn
     from sklearn.neighbors import KNeighborsClassifier
 
     feats = tmp_path / "feats"
-    base = [
-        "--pretrained_weights",
-        str(tiny_checkpoint),
-        "--data_path",
-        str(small_synthetic),
-        "--image_size",
-        "32",
-        "--num_workers",
-        "0",
-        "--output_dir",
-        str(tmp_path),
-        "--knn_metric",
-        "euclidean",
-        "--knn_weights",
-        "uniform",
-        "--nb_knn",
-        "5",
-    ]
+    base = eval_flags(tiny_checkpoint, small_synthetic, tmp_path)
+    base += ["--knn_metric", "euclidean", "--knn_weights", "uniform", "--nb_knn", "5"]
     rows = eval_knn.main(eval_knn.get_args_parser().parse_args([*base, "--dump_features", str(feats)]))
     dump = FeatureDump.load(feats)
     train, test, train_labels, test_labels = (
@@ -116,19 +81,7 @@ def test_eval_knn_euclidean_uniform_matches_sklearn_on_dumped_features(small_syn
 
 def test_wrong_checkpoint_key_lists_keys(small_synthetic, tiny_checkpoint, tmp_path):
     result = run_script(
-        [
-            "eval_knn.py",
-            "--pretrained_weights",
-            str(tiny_checkpoint),
-            "--checkpoint_key",
-            "nope",
-            "--data_path",
-            str(small_synthetic),
-            "--image_size",
-            "32",
-            "--output_dir",
-            str(tmp_path),
-        ]
+        ["eval_knn.py", *eval_flags(tiny_checkpoint, small_synthetic, tmp_path, "--checkpoint_key", "nope")]
     )
     assert result.returncode == 2
     assert "no 'nope' entry" in result.stderr and "teacher" in result.stderr and "Traceback" not in result.stderr

@@ -1,4 +1,3 @@
-import json
 import math
 
 import pytest
@@ -6,6 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import eval_linear
+from tests.helpers import eval_flags, read_json_lines
 from utils.data.augment.per_image import eval_transform
 from utils.data.folders import build_image_dataset
 from utils.eval.features import TokenFeatures
@@ -115,40 +115,20 @@ def test_trainer_first_sgd_step_is_the_closed_form_gradient_step():
     torch.testing.assert_close(loss, torch.stack(expected_losses).mean())
 
 
-def read_log(path):
-    return [json.loads(line) for line in (path / "log.txt").read_text().splitlines()]
-
-
 def test_eval_linear_end_to_end_and_resume(small_synthetic, tiny_checkpoint, tmp_path):
     out = tmp_path / "linear"
-    flags = [
-        "--pretrained_weights",
-        str(tiny_checkpoint),
-        "--data_path",
-        str(small_synthetic),
-        "--image_size",
-        "32",
-        "--num_workers",
-        "0",
-        "--batch_size_per_gpu",
-        "16",
-        "--n_last_blocks",
-        "2",
-        "--avgpool_patchtokens",
-        "True",
-        "--output_dir",
-        str(out),
-    ]
+    flags = eval_flags(tiny_checkpoint, small_synthetic, out, "--batch_size_per_gpu", "16")
+    flags += ["--n_last_blocks", "2", "--avgpool_patchtokens", "True"]
     flags += ["--lr", "0.256"]  # SGD: scaled by the global batch, 0.256 * 16 / 256 = 0.016
     assert eval_linear.cli([*flags, "--epochs", "1"]) == 0
-    assert [r["epoch"] for r in read_log(out)] == [0]
-    assert read_log(out)[0]["train_lr"] == pytest.approx(0.016)
+    assert [r["epoch"] for r in read_json_lines(out / "log.txt")] == [0]
+    assert read_json_lines(out / "log.txt")[0]["train_lr"] == pytest.approx(0.016)
     assert eval_linear.cli([*flags, "--epochs", "2"]) == 0
-    records = read_log(out)
+    records = read_json_lines(out / "log.txt")
     assert [r["epoch"] for r in records] == [0, 1]  # resumed: epoch 0 not trained again
     # the resumed run follows the cosine schedule of a 2-epoch run: lr(e) = lr0 * (1 + cos(pi * e / epochs)) / 2
     assert records[1]["train_lr"] == pytest.approx(0.016 * (1 + math.cos(math.pi * 1 / 2)) / 2)
-    result = json.loads((out / "linear_results.json").read_text().splitlines()[-1])
+    result = read_json_lines(out / "linear_results.json")[-1]
     assert result["best_acc"] == max(r["test_acc1"] for r in records)
 
     # the logged validation is that of the saved classifier on the official features of the val images
@@ -170,16 +150,7 @@ def test_eval_linear_end_to_end_and_resume(small_synthetic, tiny_checkpoint, tmp
 def test_eval_linear_cached_features_sweep(small_synthetic, tiny_checkpoint, tmp_path):
     out = tmp_path / "cached"
     flags = [
-        "--pretrained_weights",
-        str(tiny_checkpoint),
-        "--data_path",
-        str(small_synthetic),
-        "--image_size",
-        "32",
-        "--num_workers",
-        "0",
-        "--output_dir",
-        str(out),
+        *eval_flags(tiny_checkpoint, small_synthetic, out),
         "--cache_features",
         "--lrs",
         "0.01",
@@ -191,7 +162,7 @@ def test_eval_linear_cached_features_sweep(small_synthetic, tiny_checkpoint, tmp
         "adam",
     ]
     assert eval_linear.cli(flags) == 0
-    result = json.loads((out / "linear_results.json").read_text().splitlines()[-1])
+    result = read_json_lines(out / "linear_results.json")[-1]
     assert result["mode"] == "cached" and set(result["per_lr"]) == {"0.01", "0.1", "1.0"}
     assert result["best_acc"] == max(result["per_lr"].values())
     assert (out / "linear_best.pth").is_file()

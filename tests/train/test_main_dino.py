@@ -1,4 +1,3 @@
-import json
 import math
 
 import pytest
@@ -6,11 +5,12 @@ import torch
 
 import main_dino
 from tests.conftest import TINY_TRAIN_FLAGS, run_script
+from tests.helpers import read_json_lines
 from utils.runtime.checkpoint import load_checkpoint
 
 
 def read_log(path):
-    return [json.loads(line) for line in (path / "log.txt").read_text().splitlines()]
+    return read_json_lines(path / "log.txt")
 
 
 def train_flags(data, out, *extra, knn_every=0):
