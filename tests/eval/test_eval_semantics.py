@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 import eval_linear
-
 from utils.eval.knn import knn_classifier, knn_predict
 from utils.model.vit import build_backbone
 
