@@ -4,7 +4,6 @@ Usage: python tests/train/dist_step_worker.py OUT.pth OPTIMIZER   (or under torc
 Rank 0 saves the student and teacher state dicts after the step to OUT.pth.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from utils.model.vit import build_dino_models  # noqa: E402
+from tests.helpers import random_crops, tiny_dino_models  # noqa: E402
 from utils.runtime.distributed import cleanup, init_distributed_mode  # noqa: E402
 from utils.train.loss import DINOLoss  # noqa: E402
 from utils.train.optim import build_optimizer, get_params_groups  # noqa: E402
@@ -25,20 +24,8 @@ ADAM_EPS = 1e-3  # updates proportional to the gradient below it, instead of lr 
 
 def main(out_path: str, optimizer_name: str) -> None:
     ctx = init_distributed_mode("cpu", timeout_s=120)
-    torch.manual_seed(0)
-    args = argparse.Namespace(
-        arch="vit_tiny",
-        patch_size=16,
-        global_crop_size=32,
-        drop_path_rate=0.0,
-        out_dim=OUT_DIM,
-        use_bn_in_head=False,
-        norm_last_layer=True,
-    )
-    student, teacher = build_dino_models(args)
-    generator = torch.Generator().manual_seed(1)
-    crops = [torch.randn(BATCH, 3, 32, 32, generator=generator) for _ in range(2)]
-    crops += [torch.randn(BATCH, 3, 16, 16, generator=generator) for _ in range(2)]
+    student, teacher = tiny_dino_models(OUT_DIM)
+    crops = random_crops(1, BATCH)[0]
     per_rank = BATCH // ctx.world_size
     crops = [c[ctx.rank * per_rank : (ctx.rank + 1) * per_rank] for c in crops]
     wrapped = DistributedDataParallel(student) if ctx.world_size > 1 else student

@@ -5,7 +5,8 @@ once per print interval."""
 import pytest
 import torch
 
-from tests.train.test_precision import batches, make_state
+from tests.helpers import random_crops as batches
+from tests.train.test_precision import make_state
 from utils.runtime.monitoring import TensorBoard
 from utils.train.step import EpochPlan, StepSchedule, train_one_epoch, train_step
 

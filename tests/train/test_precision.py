@@ -1,14 +1,14 @@
 """Mixed precision: what ``--precision auto`` picks, float32 logits under autocast, the fp16 + GradScaler step
 against fp32, scaler back-offs counted apart from non-finite losses, resuming with another precision."""
 
-import argparse
-
 import pytest
 import torch
 
 import main_dino
 from tests.conftest import TINY_TRAIN_FLAGS
-from utils.model.vit import DINOHead, build_dino_models
+from tests.helpers import random_crops as batches
+from tests.helpers import tiny_dino_models as models
+from utils.model.vit import DINOHead
 from utils.runtime.checkpoint import load_checkpoint
 from utils.runtime.monitoring import TensorBoard
 from utils.train.loss import DINOLoss
@@ -64,29 +64,6 @@ def test_teacher_logits_reaching_the_loss_are_float32_under_bf16(monkeypatch):
     state = make_state("bf16")
     train_step(state, batches(1)[0], 0, StepSchedule(lr=1e-3, weight_decay=0.04, momentum=0.99))
     assert seen == [(torch.float32, torch.float32)]
-
-
-def models(out_dim=64, seed=0):
-    torch.manual_seed(seed)
-    args = argparse.Namespace(
-        arch="vit_tiny",
-        patch_size=16,
-        global_crop_size=32,
-        drop_path_rate=0.0,
-        out_dim=out_dim,
-        use_bn_in_head=False,
-        norm_last_layer=True,
-    )
-    return build_dino_models(args)
-
-
-def batches(n, batch=4, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        [torch.randn(batch, 3, 32, 32, generator=generator) for _ in range(2)]
-        + [torch.randn(batch, 3, 16, 16, generator=generator) for _ in range(2)]
-        for _ in range(n)
-    ]
 
 
 def make_state(precision, scaler=None, optimizer="adamw"):
@@ -161,20 +138,6 @@ def test_resume_with_another_precision(small_synthetic, tmp_path, first, second)
     assert ("scaler" in checkpoint) == (second == "fp16")
 
 
-def head_with_bn_models():
-    torch.manual_seed(0)
-    args = argparse.Namespace(
-        arch="vit_tiny",
-        patch_size=16,
-        global_crop_size=32,
-        drop_path_rate=0.0,
-        out_dim=64,
-        use_bn_in_head=True,
-        norm_last_layer=True,
-    )
-    return build_dino_models(args)
-
-
 @pytest.mark.parametrize("world_size, device, synced", [(2, CUDA, True), (1, CUDA, False), (2, CPU, False)])
 def test_batch_norms_in_the_head_are_synchronised_across_cuda_processes(world_size, device, synced):
     """``--use_bn_in_head`` under DDP on GPUs: student and teacher heads get SyncBatchNorm (official DINO converts
@@ -184,7 +147,7 @@ def test_batch_norms_in_the_head_are_synchronised_across_cuda_processes(world_si
     from utils.train.run import synchronise_batch_norms
 
     ctx = SimpleNamespace(world_size=world_size, device=device)
-    for model in head_with_bn_models():
+    for model in models(use_bn_in_head=True):
         before = {k: v.clone() for k, v in model.state_dict().items()}
         model = synchronise_batch_norms(model, ctx)
         kinds = {type(m) for m in model.head.mlp}

@@ -1,5 +1,3 @@
-import argparse
-
 import torch
 
 from benchmarks.reference_step import (
@@ -9,33 +7,11 @@ from benchmarks.reference_step import (
     use_official_last_layer,
 )
 from tests.conftest import run_benchmark_quick
-from utils.model.vit import build_dino_models
+from tests.helpers import random_crops as batches
+from tests.helpers import tiny_dino_models as models
 from utils.train.loss import DINOLoss
 from utils.train.optim import build_optimizer, get_params_groups
 from utils.train.step import DINOState, StepSchedule, train_step
-
-
-def models(out_dim=64):
-    torch.manual_seed(0)
-    args = argparse.Namespace(
-        arch="vit_tiny",
-        patch_size=16,
-        global_crop_size=32,
-        drop_path_rate=0.0,
-        out_dim=out_dim,
-        use_bn_in_head=False,
-        norm_last_layer=True,
-    )
-    return build_dino_models(args)
-
-
-def batches(n, batch=4):
-    generator = torch.Generator().manual_seed(1)
-    return [
-        [torch.randn(batch, 3, 32, 32, generator=generator) for _ in range(2)]
-        + [torch.randn(batch, 3, 16, 16, generator=generator) for _ in range(2)]
-        for _ in range(n)
-    ]
 
 
 def test_lean_step_equals_the_official_structure(monkeypatch):
