@@ -144,7 +144,7 @@ def official_step(parts, crops, timer: Timer) -> None:
         optimizer.zero_grad()
         loss.backward()
     with timer.phase("optimizer"):
-        official_clip_gradients(student, 3.0)
+        official_clip_gradients(student.parameters(), 3.0)
         optimizer.step()
     with timer.phase("ema"), torch.no_grad():
         for param_q, param_k in zip(student.parameters(), teacher.parameters()):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,7 @@ def reference_train_step(
     optimizer.zero_grad()
     loss.backward()
     if clip_grad:
-        official_clip_gradients(student, clip_grad)
+        official_clip_gradients(student.parameters(), clip_grad)
     cancel_gradients_last_layer(epoch, student, freeze_last_layer)
     optimizer.step()
     with torch.no_grad():
@@ -95,11 +96,12 @@ def reference_train_step(
     return loss_value
 
 
-def official_clip_gradients(model: nn.Module, clip: float) -> list[float]:
-    """Official DINO's ``utils.clip_gradients``: each parameter's gradient scaled by ``clip / (norm + 1e-6)`` where
-    that is below 1 (a host synchronisation per parameter); returns the norms before clipping."""
+def official_clip_gradients(parameters: Iterable[torch.Tensor], clip: float) -> list[float]:
+    """Official DINO's ``utils.clip_gradients`` on a model's ``parameters()``: each gradient's L2 norm clipped to
+    ``clip`` on its own (scaled by ``clip / (norm + 1e-6)`` where that is below 1; a host synchronisation per
+    parameter); returns the norms before clipping, of the parameters that have a gradient."""
     norms = []
-    for p in model.parameters():
+    for p in parameters:
         if p.grad is not None:
             param_norm = p.grad.data.norm(2)
             norms.append(param_norm.item())

@@ -1,25 +1,13 @@
 """Gradient clipping: ``--clip_grad`` clips each parameter's gradient separately, as official DINO's
-``utils.clip_gradients`` does; the global-norm clip is the explicit ``--clip_grad_mode global``."""
+``utils.clip_gradients`` does (written out in ``benchmarks/reference_step.py``); the global-norm clip is the explicit
+``--clip_grad_mode global``."""
 
 import pytest
 import torch
 
 import main_dino
+from benchmarks.reference_step import official_clip_gradients
 from utils.train.optim import clip_gradients
-
-
-def official_clip_gradients(parameters, clip):
-    """Official DINO's ``utils.clip_gradients``, written out: a loop over parameters, each gradient's L2 norm
-    clipped to ``clip`` on its own (``clip_coef = clip / (norm + 1e-6)``, applied where it is below 1)."""
-    norms = []
-    for p in parameters:
-        if p.grad is not None:
-            param_norm = p.grad.data.norm(2)
-            norms.append(param_norm.item())
-            clip_coef = clip / (param_norm + 1e-6)
-            if clip_coef < 1:
-                p.grad.data.mul_(clip_coef)
-    return norms
 
 
 def parameters_with_gradients(seed=0):
