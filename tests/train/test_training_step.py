@@ -83,6 +83,26 @@ def test_train_step_benchmark_quick_mode_emits_valid_json(tmp_path):
     assert outside["lean"]["median"] < report["lean_step_s"]["median"]  # the backbones' work is left out
 
 
+def test_train_step_benchmark_official_path_clips_each_parameter_on_its_own():
+    """The benchmark's official path clips as official DINO (and as the lean step's default): each gradient
+    ``g`` becomes ``g * min(1, 3 / (|g| + 1e-6))``, written out here from the same step's unclipped gradients."""
+    from benchmarks.bench_train_step import QUICK, Timer, build, make_crops, official_parts_of, official_step
+
+    cpu = torch.device("cpu")
+    crops = make_crops(QUICK, cpu)
+    clipped = official_parts_of(*build(QUICK, cpu))
+    student, teacher, loss_module, _ = official_parts_of(*build(QUICK, cpu))  # the same weights (seeded)
+    official_step(clipped, crops, Timer(cpu))
+    with torch.no_grad():
+        teacher_output = teacher(crops[:2])
+    looped_dino_loss(loss_module, student(crops), teacher_output, 0).backward()
+    pairs = [(p, ref) for p, ref in zip(clipped[0].parameters(), student.parameters()) if ref.grad is not None]
+    norms = torch.stack([ref.grad.norm() for _, ref in pairs])
+    assert norms.norm() > 3.0  # a clip of the joint norm to 3 would scale every gradient
+    for (p, ref), norm in zip(pairs, norms):
+        torch.testing.assert_close(p.grad, ref.grad * torch.clamp(3.0 / (norm + 1e-6), max=1.0))
+
+
 def _sgd_state(student, teacher, koleo_weight):
     loss = DINOLoss(64, 4, 0.04, 0.04, 0, 5)
     optimizer = torch.optim.SGD(get_params_groups(student), lr=0.0)
