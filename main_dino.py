@@ -16,7 +16,7 @@ from utils.model.vit import ARCH_ALIASES, check_arch
 from utils.runtime.cli import FlagFileParser, bool_flag, default_loader_workers, user_errors
 from utils.runtime.errors import UsageError
 from utils.train import run
-from utils.train.loss import DINOLoss
+from utils.train.loss import CENTERINGS, DINOLoss
 from utils.train.optim import CLIP_MODES
 
 __all__ = ["DINOLoss", "cli", "get_args_parser", "main"]
@@ -63,6 +63,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     temp.add_argument("--teacher_temp", default=0.04, type=float, help="teacher temperature after the warmup")
     temp.add_argument(
         "--warmup_teacher_temp_epochs", default=0, type=int, help="epochs of linear teacher-temperature warmup"
+    )
+    temp.add_argument(
+        "--centering",
+        default="centering",
+        choices=CENTERINGS,
+        help="the teacher's targets: centering (official DINO: subtract an EMA centre, then softmax) or "
+        "sinkhorn_knopp (DINOv2's option: 3 Sinkhorn-Knopp rounds over the global batch, no centre; not in DINO)",
     )
 
     optim = parser.add_argument_group("optimisation")

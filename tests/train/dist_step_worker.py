@@ -1,6 +1,6 @@
 """One DINO training step on a fixed batch, run alone or under torchrun; each process takes its slice of the batch.
 
-Usage: python tests/train/dist_step_worker.py OUT.pth OPTIMIZER   (or under torchrun --nproc_per_node=N)
+Usage: python tests/train/dist_step_worker.py OUT.pth OPTIMIZER CENTERING   (or under torchrun --nproc_per_node=N)
 Rank 0 saves the student and teacher state dicts after the step to OUT.pth.
 """
 
@@ -22,14 +22,14 @@ BATCH, OUT_DIM = 8, 64
 ADAM_EPS = 1e-3  # updates proportional to the gradient below it, instead of lr * sign(rounding noise)
 
 
-def main(out_path: str, optimizer_name: str) -> None:
+def main(out_path: str, optimizer_name: str, centering: str) -> None:
     ctx = init_distributed_mode("cpu", timeout_s=120)
     student, teacher = tiny_dino_models(OUT_DIM)
     crops = random_crops(1, BATCH)[0]
     per_rank = BATCH // ctx.world_size
     crops = [c[ctx.rank * per_rank : (ctx.rank + 1) * per_rank] for c in crops]
     wrapped = DistributedDataParallel(student) if ctx.world_size > 1 else student
-    loss = DINOLoss(OUT_DIM, 4, 0.04, 0.04, 0, 10)
+    loss = DINOLoss(OUT_DIM, 4, 0.04, 0.04, 0, 10, centering=centering)
     optimizer = build_optimizer(optimizer_name, get_params_groups(student))
     if optimizer_name == "adamw":  # see test_two_process_step_equals_one_process_step_on_whole_batch
         for group in optimizer.param_groups:
@@ -58,4 +58,4 @@ def main(out_path: str, optimizer_name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

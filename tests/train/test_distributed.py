@@ -7,20 +7,23 @@ from utils.runtime.distributed import first_slurm_host, launcher_env, slurm_port
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_two_process_step_equals_one_process_step_on_whole_batch(tmp_path, optimizer):
+@pytest.mark.parametrize(
+    ("optimizer", "centering"), [("sgd", "centering"), ("adamw", "centering"), ("adamw", "sinkhorn_knopp")]
+)
+def test_two_process_step_equals_one_process_step_on_whole_batch(tmp_path, optimizer, centering):
     """Two steps with the batch split over 2 gloo processes == the same steps on 1 process with the whole batch.
 
     SGD makes a wrong gradient scale visible (AdamW is nearly scale-invariant); AdamW is the default optimiser.
+    Sinkhorn-Knopp's targets depend on the whole global batch: a per-process normalisation would differ.
     Tolerance: 1e-5 absolute is 1% of one step's update (lr 1e-3), far below any real discrepancy. AdamW runs with
     eps 1e-3 in both: with its default eps, each of Adam's first steps is about lr * sign(gradient), so a gradient
     that is near zero up to rounding (e.g. rounding that depends on the batch size: the head's last layer computes
     ``V @ x.T`` blockwise, and the BLAS picks its kernels by shape) moves a whole lr either way in each run.
     """
     one, two = tmp_path / "one.pth", tmp_path / "two.pth"
-    result = run_script(["tests/train/dist_step_worker.py", str(one), optimizer])
+    result = run_script(["tests/train/dist_step_worker.py", str(one), optimizer, centering])
     assert result.returncode == 0, result.stderr[-3000:]
-    result = run_script(["tests/train/dist_step_worker.py", str(two), optimizer], nproc=2)
+    result = run_script(["tests/train/dist_step_worker.py", str(two), optimizer, centering], nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
     for model in ("student", "teacher"):

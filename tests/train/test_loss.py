@@ -83,6 +83,63 @@ def test_non_finite_teacher_batch_leaves_centre_unchanged():
     assert torch.equal(loss_fn.center, before)
 
 
+# ------------------------------------------------------------------------------------ Sinkhorn-Knopp
+def _dinov2_sinkhorn_reference(teacher_output, temp, n_iterations=3):
+    """DINOv2's ``sinkhorn_knopp_teacher`` (one process) written out: linear space, float64, ``Q`` prototype-major."""
+    q = torch.exp(teacher_output.double() / temp).t()  # [K, B]
+    n_samples, n_prototypes = q.shape[1], q.shape[0]
+    q /= q.sum()
+    for _ in range(n_iterations):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= n_prototypes
+        q /= q.sum(dim=0, keepdim=True)
+        q /= n_samples
+    q *= n_samples
+    return q.t()
+
+
+@pytest.mark.parametrize("n_iterations", [1, 3, 7])
+def test_sinkhorn_knopp_equals_dinov2_rule(n_iterations):
+    from utils.train.loss import sinkhorn_knopp
+
+    teacher = torch.randn(12, 20, generator=torch.Generator().manual_seed(n_iterations))
+    ours = sinkhorn_knopp(teacher, 0.07, n_iterations)
+    expected = _dinov2_sinkhorn_reference(teacher, 0.07, n_iterations)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(ours.sum(dim=1), torch.ones(12))
+
+
+def test_sinkhorn_knopp_balances_prototypes_even_where_exp_underflows():
+    """At temperature 0.02 the logits span 250 nats: prototype 0's ``exp`` underflows to 0 in float32 for every
+    sample, so a linear-space rescaling leaves it at mass 0 (or NaN). Sinkhorn-Knopp's fixed point gives every
+    prototype the same total mass, ``N / D``."""
+    from utils.train.loss import sinkhorn_knopp
+
+    teacher = torch.randn(16, 8, generator=torch.Generator().manual_seed(0)) * 0.1
+    teacher[:, 0] -= 5.0
+    assert torch.exp(teacher.float() / 0.02)[:, 0].max() == 0  # the underflow this test is about
+    q = sinkhorn_knopp(teacher, 0.02, n_iterations=200)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(16))
+    torch.testing.assert_close(q.sum(dim=0), torch.full((8,), 2.0), rtol=1e-3, atol=1e-3)
+
+
+def test_dino_loss_with_sinkhorn_knopp_uses_its_targets_and_leaves_the_centre():
+    torch.manual_seed(0)
+    out_dim, ncrops, batch = 32, 4, 6
+    loss_fn = DINOLoss(out_dim, ncrops, 0.04, 0.07, 2, 4, centering="sinkhorn_knopp")
+    student, teacher = torch.randn(ncrops * batch, out_dim) * 3, torch.randn(2 * batch, out_dim) * 3 + 1.0
+    value = loss_fn(student, teacher, 3)  # after the warmup: temperature 0.07
+    targets = _dinov2_sinkhorn_reference(teacher, 0.07).chunk(2)
+    log_p = F.log_softmax(student.double() / 0.1, dim=-1).chunk(ncrops)
+    pairs = [(i, v) for i in range(2) for v in range(ncrops) if v != i]
+    expected = sum(-(targets[i] * log_p[v]).sum(dim=-1).mean() for i, v in pairs) / len(pairs)
+    assert abs(value.item() - expected.item()) < 1e-4 * abs(expected.item())
+    assert torch.equal(loss_fn.center, torch.zeros(1, out_dim))
+    with pytest.raises(ValueError, match="centering"):
+        DINOLoss(out_dim, ncrops, 0.04, 0.07, 2, 4, centering="sinkhorn")
+
+
 # ------------------------------------------------------------------------------------------------ KoLeo
 def _koleo_reference(features: np.ndarray, eps: float = 1e-8) -> float:
     """Plain loops: -mean over samples of log(distance to the nearest other sample), on L2-normalised rows."""

@@ -167,6 +167,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``tensor`` over all processes, in place, returned for chaining."""
+    if is_dist():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def all_gather_uneven(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Gather tensors whose first dimension differs across processes; returns one tensor per rank, in rank order.
 

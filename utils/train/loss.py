@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.runtime.distributed import all_reduce_sum, get_world_size
+from utils.runtime.distributed import all_reduce_max, all_reduce_sum, get_world_size
 from utils.train.schedules import teacher_temperature_schedule
+
+CENTERINGS = ("centering", "sinkhorn_knopp")
 
 
 class DINOLoss(nn.Module):
@@ -21,7 +24,10 @@ class DINOLoss(nn.Module):
     student's is ``log_softmax(s / student_temp)``. The loss is the mean over every (teacher view ``i``, student
     view ``v != i``) pair of the batch-mean cross-entropy (:func:`dino_cross_entropy`: all pairs at once, as one
     ``[2, V]`` matrix product, and a closed-form gradient). The centre is then updated by an EMA of the teacher's
-    batch mean, summed across processes. The loss runs in float32 under autocast too (its matrix products sum over
+    batch mean, summed across processes. With ``centering="sinkhorn_knopp"`` (DINOv2's option) the teacher's
+    distribution is instead :func:`sinkhorn_knopp` of ``t / temp`` over the whole global batch (both global crops of
+    every process): each sample's targets sum to 1 and every prototype gets about the same total mass; the centre is
+    then neither used nor updated. The loss runs in float32 under autocast too (its matrix products sum over
     ``B * D`` products: in bf16/fp16 the cross terms would lose 2-3 digits).
 
     :meth:`forward_with_stats` also returns detached collapse indicators: the entropy (nats) of the teacher's mean
@@ -38,8 +44,13 @@ class DINOLoss(nn.Module):
         nepochs: int,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
+        centering: str = "centering",
+        sinkhorn_iterations: int = 3,
     ):
         super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering must be one of {CENTERINGS} (got {centering!r})")
+        self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
         self.out_dim = out_dim
         self.ncrops = ncrops
         self.student_temp = student_temp
@@ -61,11 +72,16 @@ class DINOLoss(nn.Module):
         with torch.autocast(student_output.device.type, enabled=False):  # float32 throughout, matrix products too
             student_output, teacher_output = student_output.float(), teacher_output.float()
             with torch.no_grad():
-                teacher_logits = (teacher_output - self.center).div_(self.teacher_temp(epoch))
-                teacher_p = F.softmax(teacher_logits, dim=-1)
-                mean_entropy, sample_entropy = collapse_stats(teacher_p, teacher_logits)
+                if self.centering == "sinkhorn_knopp":
+                    teacher_p = sinkhorn_knopp(teacher_output, self.teacher_temp(epoch), self.sinkhorn_iterations)
+                    mean_entropy, sample_entropy = collapse_stats(teacher_p)
+                else:
+                    teacher_logits = (teacher_output - self.center).div_(self.teacher_temp(epoch))
+                    teacher_p = F.softmax(teacher_logits, dim=-1)
+                    mean_entropy, sample_entropy = collapse_stats(teacher_p, teacher_logits)
             loss = dino_cross_entropy(student_output, teacher_p, self.ncrops, self.student_temp)
-            self.update_center(teacher_output)
+            if self.centering == "centering":
+                self.update_center(teacher_output)
         return LossStats(loss=loss, teacher_mean_entropy=mean_entropy, teacher_sample_entropy=sample_entropy)
 
     @torch.no_grad()
@@ -75,6 +91,31 @@ class DINOLoss(nn.Module):
         batch_center = batch_center / (teacher_output.shape[0] * get_world_size())
         new_center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
         self.center.copy_(torch.where(torch.isfinite(new_center).all(), new_center, self.center))
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_output: torch.Tensor, temp: float, n_iterations: int = 3) -> torch.Tensor:
+    """DINOv2's Sinkhorn-Knopp teacher targets: ``[N, D]`` logits → ``[N, D]`` float32 probabilities (rows sum to 1).
+
+    Starting from ``Q = exp(t / temp)`` normalised to total mass 1 over the global batch (all ``N * world_size``
+    rows of every process), each of the ``n_iterations`` rounds rescales every prototype (column) to mass ``1 / D``,
+    then every sample (row) to mass ``1 / (N * world_size)``; the result is scaled by ``N * world_size`` so that each
+    row is a distribution. Column sums are taken over every process, so the targets are those one process would
+    compute on the whole global batch. Computed in log space: at a low temperature a prototype's ``exp`` can
+    underflow to 0 for every sample, which a linear-space rescaling could not raise back to mass ``1 / D``."""
+    log_q = teacher_output.float() / temp
+    rows = log_q.shape[0] * get_world_size()
+    log_q -= _global_logsumexp(log_q.flatten())
+    for _ in range(n_iterations):
+        log_q -= _global_logsumexp(log_q, dim=0) + math.log(log_q.shape[1])
+        log_q -= torch.logsumexp(log_q, dim=1, keepdim=True) + math.log(rows)
+    return torch.exp(log_q + math.log(rows))
+
+
+def _global_logsumexp(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``logsumexp`` along ``dim`` over the rows of every process (``dim`` kept); the local result alone."""
+    peak = all_reduce_max(x.amax(dim=dim, keepdim=True))
+    return peak + torch.log(all_reduce_sum(torch.exp(x - peak).sum(dim=dim, keepdim=True)))
 
 
 class LossStats(NamedTuple):

@@ -112,6 +112,7 @@ class DINOPretraining:
             args.teacher_temp,
             args.warmup_teacher_temp_epochs,
             args.epochs,
+            centering=args.centering,
         ).to(ctx.device)
         self.optimizer = build_optimizer(args.optimizer, get_params_groups(self.student_module))
         self.scaler = build_grad_scaler(precision, ctx.device)
