@@ -163,6 +163,20 @@ MUTANTS: tuple[Mutant, ...] = (
         (f"{TRAIN}::test_lr_is_scaled_by_the_global_batch",),
     ),
     Mutant(
+        "sinkhorn_without_prototype_balance",
+        "utils/train/loss.py",
+        "log_q -= _global_logsumexp(log_q, dim=0) + math.log(log_q.shape[1])",
+        "log_q -= math.log(log_q.shape[1])",
+        ("tests/train/test_loss.py::test_sinkhorn_knopp_equals_dinov2_rule",),
+    ),
+    Mutant(
+        "lr_ignores_world_size",
+        "utils/train/run.py",
+        "global_batch = args.batch_size_per_gpu * self.ctx.world_size",
+        "global_batch = args.batch_size_per_gpu",
+        (f"{TRAIN}::test_peak_lr_counts_every_process_in_the_global_batch",),
+    ),
+    Mutant(
         "cosine_end_value",
         "utils/train/schedules.py",
         "cosine = final_value + 0.5 * (base_value - final_value)",

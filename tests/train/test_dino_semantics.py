@@ -243,6 +243,29 @@ def test_lr_is_scaled_by_the_global_batch(small_synthetic, tmp_path):
     assert record["train_lr"] == pytest.approx(lr * batch / 256, rel=1e-9)
 
 
+@pytest.mark.parametrize("world_size", [1, 4])
+def test_peak_lr_counts_every_process_in_the_global_batch(world_size):
+    """Official: ``lr * batch_size_per_gpu * world_size / 256``. The schedules of a 4-process run, built without
+    starting 4 processes: the pretraining object's schedule builder on a stand-in with only what it reads."""
+    from types import SimpleNamespace
+
+    from utils.train.run import DINOPretraining
+
+    args = argparse.Namespace(
+        lr=1e-3,
+        min_lr=1e-6,
+        epochs=2,
+        warmup_epochs=0,
+        batch_size_per_gpu=32,
+        weight_decay=0.04,
+        weight_decay_end=0.4,
+        momentum_teacher=0.996,
+    )
+    stand_in = SimpleNamespace(args=args, niter=5, ctx=SimpleNamespace(world_size=world_size))
+    DINOPretraining._build_schedules(stand_in)
+    assert stand_in.schedules["lr"][0] == pytest.approx(1e-3 * 32 * world_size / 256, rel=1e-12)
+
+
 def test_teacher_and_student_start_equal_and_only_the_student_is_copied():
     """Official: the teacher starts with the student's weights (``load_state_dict``), not shared tensors."""
     student, teacher = models()
