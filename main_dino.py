@@ -137,6 +137,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--global_crop_size", type=int, default=128, help="side of the global crops in pixels (the model's image size)"
     )
     aug.add_argument("--local_crop_size", type=int, default=64, help="side of the local crops in pixels")
+    aug.add_argument(
+        "--blur_sigma",
+        type=float,
+        nargs=2,
+        default=(0.1, 2.0),
+        help="range of the Gaussian blur's standard deviation in output pixels (official DINO: 0.1 2.0, for 224 px)",
+    )
 
     data = parser.add_argument_group("data and run")
     data.add_argument(
@@ -243,6 +250,8 @@ def validate_args(args: argparse.Namespace) -> None:
         lo, hi = getattr(args, name)
         if not 0 < lo <= hi <= 1:
             problems.append(f"--{name} must satisfy 0 < min <= max <= 1 (got {lo} {hi})")
+    if not 0 < args.blur_sigma[0] <= args.blur_sigma[1]:
+        problems.append(f"--blur_sigma must satisfy 0 < min <= max (got {args.blur_sigma[0]} {args.blur_sigma[1]})")
     for name in ("global_crop_size", "local_crop_size"):
         if getattr(args, name) < args.patch_size:
             problems.append(f"--{name} must be at least --patch_size ({args.patch_size})")

@@ -90,6 +90,7 @@ def train_peer(args: argparse.Namespace, data_root: Path, iters: int, out_dir: P
         local_crop_size=args.local_crop_size,
         local_crop_scale=tuple(args.local_crops_scale),
         n_local_views=args.local_crops_number,
+        sigmas=tuple(args.blur_sigma),
     )
     dataset = ImageFolder(str(Path(data_root) / "train"), transform=transform)
     loader = DataLoader(

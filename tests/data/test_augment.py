@@ -151,6 +151,24 @@ def test_batched_views_use_the_official_per_view_probabilities():
     assert params.SIGMA_RANGE == (0.1, 2.0)
 
 
+def test_blur_sigma_range_reaches_both_paths_and_defaults_to_the_official_one():
+    """``blur_sigma`` sets the range of the blur's standard deviation in both paths: the per-image blurs' radius
+    range, and the batched draws, uniform on it (closed-form mean and bounds); the default is official (0.1, 2.0)."""
+    assert MultiCropConfig().blur_sigma == (0.1, 2.0)
+    config = MultiCropConfig(local_crops_number=2, global_crop_size=32, local_crop_size=16, blur_sigma=(0.3, 0.6))
+    per_image = DataAugmentationDINO(config)
+    for name in ("global_transform1", "global_transform2", "local_transform"):
+        blurs = [t for t in getattr(per_image, name).transforms if isinstance(t, RandomGaussianBlur)]
+        assert [(b.radius_min, b.radius_max) for b in blurs] == [(0.3, 0.6)], name
+    draws = BatchedMultiCrop(config, compiled=False).sample_params(4000, 0, 64, 64)
+    for view in draws:
+        sigma = view["sigma"].double()
+        assert 0.3 <= sigma.min() < 0.301 and 0.599 < sigma.max() <= 0.6
+        assert abs(sigma.mean().item() - 0.45) < 0.01  # uniform: mean (a + b) / 2, standard error 0.0014
+    with pytest.raises(ValueError, match="blur_sigma"):
+        MultiCropConfig(blur_sigma=(0.5, 0.2))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # One settings object for both paths
 
@@ -162,6 +180,7 @@ def test_multicrop_config_from_args_and_both_paths_take_it():
         local_crops_number=3,
         global_crop_size=40,
         local_crop_size=24,
+        blur_sigma=[0.2, 0.9],
         lr=1.0,
     )
     config = MultiCropConfig.from_args(args)
@@ -171,6 +190,7 @@ def test_multicrop_config_from_args_and_both_paths_take_it():
         local_crops_number=3,
         global_crop_size=40,
         local_crop_size=24,
+        blur_sigma=(0.2, 0.9),
     )
     assert config.n_views == 5
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -46,6 +46,7 @@ def train(small_synthetic, output_dir, *extra):
         (["--epochs", "-1"], "--epochs must be positive (got -1)"),
         (["--local_crops_number", "1000"], "--local_crops_number must be in [0, 64] (got 1000)"),
         (["--global_crops_scale", "0.5", "0.2"], "--global_crops_scale must satisfy 0 < min <= max <= 1"),
+        (["--blur_sigma", "0", "2"], "--blur_sigma must satisfy 0 < min <= max (got 0.0 2.0)"),
         (["--arch", "vit_huge_nonsense"], "unknown --arch 'vit_huge_nonsense'"),
         (["--batch_size_per_gpu", "256"], "fewer than one batch of 256 per process x 1 processes"),
     ],

@@ -91,6 +91,7 @@ def sample_params(
     scale: tuple[float, float],
     blur_prob: float,
     solarize_prob: float = 0.0,
+    sigma_range: tuple[float, float] = SIGMA_RANGE,
 ) -> dict[str, Tensor]:
     """Random parameters of one view for ``batch_size`` images of ``height x width``: a dict of tensors on the
     generator's device (the CPU for an integer seed), one row per sample.
@@ -99,7 +100,8 @@ def sample_params(
     jitter applied); ``jitter_factors`` float ``[B, 4]`` (brightness, contrast, saturation factors, hue shift;
     drawn for every sample, used where ``jitter``); ``jitter_order`` int64 ``[B, 4]`` (a permutation of
     ``0..3`` = :data:`JITTER_OPS`, applied left to right); ``grayscale``, ``blur``, ``solarize`` bool ``[B]``;
-    ``sigma`` float ``[B]`` (blur standard deviation in output pixels, used where ``blur``).
+    ``sigma`` float ``[B]`` (blur standard deviation in output pixels, uniform in ``sigma_range``, used where
+    ``blur``).
     """
     g = as_generator(generator)
     crop = sample_crop_boxes(batch_size, height, width, scale, g)
@@ -118,7 +120,8 @@ def sample_params(
     order = torch.rand((batch_size, 4), generator=g, device=g.device).argsort(dim=1)  # uniform permutations
     grayscale = _bernoulli(batch_size, GRAYSCALE_P, g)
     blur = _bernoulli(batch_size, blur_prob, g)
-    sigma = SIGMA_RANGE[0] + torch.rand(batch_size, generator=g, device=g.device) * (SIGMA_RANGE[1] - SIGMA_RANGE[0])
+    low, high = sigma_range
+    sigma = low + torch.rand(batch_size, generator=g, device=g.device) * (high - low)
     solarize = _bernoulli(batch_size, solarize_prob, g)
     return {
         "crop": crop,

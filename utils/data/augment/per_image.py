@@ -44,7 +44,8 @@ class DataAugmentationDINO:
     """DINO multi-crop: 2 global crops then ``local_crops_number`` local crops of one PIL image.
 
     Each crop: random resized crop (bicubic) at its scale range, horizontal flip, colour jitter (0.4, 0.4, 0.2, 0.1)
-    with p 0.8, grayscale p 0.2, Gaussian blur (p 1.0 on global view 1, 0.1 on global view 2, 0.5 on local views),
+    with p 0.8, grayscale p 0.2, Gaussian blur of radius in ``blur_sigma`` (p 1.0 on global view 1, 0.1 on global
+    view 2, 0.5 on local views),
     solarisation p 0.2 on global view 2, ImageNet normalisation. Returns a list of ``2 + n`` tensors
     ``[3, S, S]`` with ``S = global_crop_size`` for the first two and ``local_crop_size`` for the rest.
     Settings: a :class:`~utils.data.augment.config.MultiCropConfig`, or its fields as keywords.
@@ -64,16 +65,23 @@ class DataAugmentationDINO:
         def crop(size: int, scale: tuple[float, float]) -> transforms.RandomResizedCrop:
             return transforms.RandomResizedCrop(size, scale=tuple(scale), interpolation=bicubic)
 
+        sigma = cfg.blur_sigma
         global_crop = (cfg.global_crop_size, cfg.global_crops_scale)
         self.global_transform1 = transforms.Compose(
-            [crop(*global_crop), flip_and_color_jitter, RandomGaussianBlur(1.0), normalize()]
+            [crop(*global_crop), flip_and_color_jitter, RandomGaussianBlur(1.0, *sigma), normalize()]
         )
         self.global_transform2 = transforms.Compose(
-            [crop(*global_crop), flip_and_color_jitter, RandomGaussianBlur(0.1), RandomSolarize(0.2), normalize()]
+            [
+                crop(*global_crop),
+                flip_and_color_jitter,
+                RandomGaussianBlur(0.1, *sigma),
+                RandomSolarize(0.2),
+                normalize(),
+            ]
         )
         local_crop = (cfg.local_crop_size, cfg.local_crops_scale)
         self.local_transform = transforms.Compose(
-            [crop(*local_crop), flip_and_color_jitter, RandomGaussianBlur(0.5), normalize()]
+            [crop(*local_crop), flip_and_color_jitter, RandomGaussianBlur(0.5, *sigma), normalize()]
         )
         self.local_crops_number = cfg.local_crops_number
 
