@@ -18,7 +18,8 @@ from torchvision.datasets import ImageFolder
 
 import main_dino
 from utils.data.folders import build_image_dataset
-from utils.data.image_cache import build_image_cache, cached_image_dataset, default_cache_dir
+from utils.data.image_cache import default_cache_dir
+from utils.data.image_cache_build import build_image_cache, cached_image_dataset
 from utils.data.synthetic import generate_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[2]

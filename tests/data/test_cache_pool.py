@@ -30,7 +30,7 @@ CHILD = textwrap.dedent(
     """
     import os, signal, sys
     import record_pids
-    from utils.data import image_cache
+    from utils.data import image_cache_build
     from utils.data.folders import build_image_dataset
 
     def bypass(signum, frame):  # what submitit's handler does with SIGTERM
@@ -40,7 +40,7 @@ CHILD = textwrap.dedent(
     print("parent", os.getpid(), flush=True)
     dataset = build_image_dataset(sys.argv[1], "train")
     for i in range(int(sys.argv[3])):
-        cached = image_cache.cached_image_dataset(dataset, f"{sys.argv[2]}/{i}", name="train", verbose=False)
+        cached = image_cache_build.cached_image_dataset(dataset, f"{sys.argv[2]}/{i}", name="train", verbose=False)
         print("built", i, len(cached), flush=True)
     """
 )
@@ -50,8 +50,8 @@ CHILD = textwrap.dedent(
 RECORD_PIDS = textwrap.dedent(
     """
     import os, signal
-    from utils.data import image_cache
-    real = image_cache._decode_image
+    from utils.data import image_cache_build
+    real = image_cache_build._decode_image
     parent = os.getpid()
 
     def recording(path, size):
@@ -60,7 +60,7 @@ RECORD_PIDS = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return real(path, size)
 
-    image_cache._decode_image = recording
+    image_cache_build._decode_image = recording
     """
 )
 

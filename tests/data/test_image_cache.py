@@ -17,14 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.data import image_cache
+from utils.data import image_cache_build
 from utils.data.folders import build_image_dataset
-from utils.data.image_cache import (
-    CachedImages,
-    build_image_cache,
-    cache_key,
-    cached_image_dataset,
-)
+from utils.data.image_cache import CachedImages, cache_key
+from utils.data.image_cache_build import build_image_cache, cached_image_dataset
 from utils.data.synthetic import generate_synthetic_dataset
 from utils.runtime.errors import DatasetError
 
@@ -45,13 +41,13 @@ def data_copy(synthetic_root, tmp_path) -> Path:
 def decode_counter(monkeypatch):
     """Counts the images the cache decodes (in-process builds only: ``num_workers=0``)."""
     calls = {"n": 0}
-    real = image_cache._decode_image
+    real = image_cache_build._decode_image
 
     def counting(path, size):
         calls["n"] += 1
         return real(path, size)
 
-    monkeypatch.setattr(image_cache, "_decode_image", counting)
+    monkeypatch.setattr(image_cache_build, "_decode_image", counting)
     return calls
 
 
@@ -72,7 +68,7 @@ def build(root: Path, cache_dir: Path, **kwargs) -> CachedImages:
 
 
 def test_pixels_and_labels_equal_decoding_the_files(synthetic_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(image_cache, "_CHUNK", 4)  # several chunks, so the 2 worker processes really run
+    monkeypatch.setattr(image_cache_build, "_CHUNK", 4)  # several chunks, so the 2 worker processes really run
     dataset = build_image_dataset(synthetic_root, "train")
     cached = cached_image_dataset(dataset, tmp_path / "cache", name="train", num_workers=2, verbose=False)
 
@@ -166,7 +162,7 @@ def test_rebuilds_when_the_file_list_changes(data_copy, tmp_path, decode_counter
 
 def test_interrupted_build_leaves_no_valid_cache(data_copy, tmp_path, monkeypatch):
     cache_dir = tmp_path / "cache"
-    real = image_cache._decode_image
+    real = image_cache_build._decode_image
     calls = {"n": 0}
 
     def crash_midway(path, size):
@@ -175,14 +171,14 @@ def test_interrupted_build_leaves_no_valid_cache(data_copy, tmp_path, monkeypatc
             raise RuntimeError("simulated crash")
         return real(path, size)
 
-    monkeypatch.setattr(image_cache, "_decode_image", crash_midway)
+    monkeypatch.setattr(image_cache_build, "_decode_image", crash_midway)
     with pytest.raises(RuntimeError, match="simulated crash"):
         build(data_copy, cache_dir)
     assert entries(cache_dir) == [], "an interrupted build leaves nothing behind"
 
     # A build killed hard (no cleanup) leaves its .building-* folder: it is never taken for a cache and is removed
     # by the next build once its process is gone.
-    monkeypatch.setattr(image_cache.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(image_cache_build.shutil, "rmtree", lambda *a, **k: None)
     calls["n"] = 0
     with pytest.raises(RuntimeError, match="simulated crash"):
         build(data_copy, cache_dir)

@@ -20,7 +20,8 @@ from utils.data.augment.config import MultiCropConfig
 from utils.data.augment.per_image import eval_transform
 from utils.data.device_loader import CachedMultiCropLoader
 from utils.data.folders import build_image_dataset, has_labels
-from utils.data.image_cache import CachedImages, cached_image_dataset, default_cache_dir
+from utils.data.image_cache import CachedImages, default_cache_dir
+from utils.data.image_cache_build import cached_image_dataset
 from utils.data.sampling import ResumableSampler, SeededSamples
 from utils.runtime.distributed import DistributedContext, barrier, is_main_process
 from utils.runtime.errors import UsageError
