@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from benchmarks import gpu_check
+from benchmarks import gpu_check, gpu_check_runs, gpu_check_sections
 from tests.conftest import ROOT
 
 SECTIONS = (
@@ -113,7 +113,7 @@ def test_quick_cpu_check_reports_every_section(tmp_path):
 
 
 def test_sync_spy_counts_scalar_reads_and_unpinned_copies():
-    spy = gpu_check.SyncSpy()
+    spy = gpu_check_sections.SyncSpy()
     x = torch.arange(4.0)
     with spy:
         x.sum().item()
@@ -149,8 +149,8 @@ def test_compile_section_runs_with_a_stand_in_compiler(monkeypatch, tmp_path):
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="eager"))
     data = gpu_check.generate_synthetic_dataset(tmp_path / "data", train_per_class=1, val_per_class=0)
-    check = gpu_check.Check(dict(gpu_check.QUICK), "cpu", data, tmp_path)
-    result = gpu_check.compile_check(check)
+    check = gpu_check_runs.Check(dict(gpu_check.QUICK), "cpu", data, tmp_path)
+    result = gpu_check_sections.compile_check(check)
     assert result["plain_step_s"] > 0 and result["compiled_step_s"] > 0
     assert result["speedup"] == pytest.approx(result["plain_step_s"] / result["compiled_step_s"])
 
@@ -165,6 +165,6 @@ def test_asking_for_cuda_without_it_is_a_usage_error(monkeypatch):
 def test_tf32_context_sets_both_flags_and_restores_them():
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     for mode, expected in (("on", (True, True)), ("off", (False, False)), ("default", saved)):
-        with gpu_check.tf32(mode):
+        with gpu_check_sections.tf32(mode):
             assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == expected
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == saved
