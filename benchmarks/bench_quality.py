@@ -291,7 +291,8 @@ def learning_curve(records: list[dict], niter: int, iters: int, random_init: dic
 
 
 def plot_curve(curve: list[dict], title: str, path: Path) -> Path:
-    """Two panels against iterations: online k-NN top-1 (%) and feature effective rank; minutes on a top axis."""
+    """Two panels against iterations: online k-NN top-1 (%) and feature effective rank; minutes on a top axis;
+    ``title`` (the recipe, its overrides and the iterations) above both."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,7 +303,8 @@ def plot_curve(curve: list[dict], title: str, path: Path) -> Path:
     ax_knn.plot(iters, [p["knn_top1"] for p in curve], "o-")
     ax_knn.axhline(curve[0]["knn_top1"], color="grey", ls="--", lw=1, label="random init")
     ax_knn.axhline(curve[0]["knn_top1"] + 10, color="tab:red", ls=":", lw=1, label="random init + 10")
-    ax_knn.set(xlabel="iteration", ylabel="weighted k-NN top-1 (%)", title=title)
+    ax_knn.set(xlabel="iteration", ylabel="weighted k-NN top-1 (%)")
+    fig.suptitle(title, fontsize=9, wrap=True)
     ax_knn.legend(loc="best", fontsize=8)
     ax_rank.plot(iters, [p["effective_rank"] for p in curve], "o-", color="tab:green")
     ax_rank.set(xlabel="iteration", ylabel="feature effective rank")
@@ -382,7 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows["trained"] |= {k: run[k] for k in ("seconds", "train_seconds", "images_per_s")}
     rows["trained"]["online_random_init_knn_top1"] = online_random_init_knn(checkpoint)
     curve = learning_curve(run["records"], niter, iters, rows["random_init"])
-    plot_curve(curve, f"recipe {Path(opts.recipe).stem}, {iters} iterations", output_dir / "quality.png")
+    title = " ".join([f"recipe {Path(opts.recipe).stem}", *overrides]) + f", {iters} iterations"
+    plot_curve(curve, title, output_dir / "quality.png")
     if opts.peer:
         from benchmarks.quality_peer import train_peer
 
@@ -404,6 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
         "checkpoint": str(checkpoint),
         "curve": curve,
         "plot": str(output_dir / "quality.png"),
+        "title": title,
         "data_root": str(root),
         "device": str(device),
         "threads": torch.get_num_threads(),
