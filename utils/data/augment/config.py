@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from utils.data.augment.params import SIGMA_RANGE
+
 __all__ = ["MultiCropConfig"]
 
 
@@ -21,7 +23,7 @@ class MultiCropConfig:
     local_crops_number: int = 2
     global_crop_size: int = 128
     local_crop_size: int = 64
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_sigma: tuple[float, float] = SIGMA_RANGE
 
     def __post_init__(self) -> None:
         for name in ("global_crops_scale", "local_crops_scale"):
