@@ -16,8 +16,9 @@ teacher the same way on frozen features of the eval transform (``--global_crop_s
 blocks (``benchmarks/quality_peer.py``) and evaluates its teacher the same way. Extra arguments are ``main_dino.py``
 flags that override the recipe's (ablations)::
 
-    python benchmarks/bench_quality.py --data ../shared/data/tiny-imagenet-10.zip
+    python benchmarks/bench_quality.py --data ../shared/data/tiny-imagenet-10.zip   # recipe photos_patch8
     python benchmarks/bench_quality.py --data ../shared/data/tiny-imagenet-10.zip --peer
+    python benchmarks/bench_quality.py --data ../shared/data/tiny-imagenet-10.zip --recipe photos   # patch 16
     python benchmarks/bench_quality.py --data ../shared/data/tiny-imagenet-10.zip --recipe dino_official --iters 300
     python benchmarks/bench_quality.py --data ../shared/data/tiny-imagenet-10.zip --koleo_loss_weight 0.1
 
@@ -341,7 +342,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         epilog="Any other argument is a main_dino.py flag that overrides the recipe's (e.g. --koleo_loss_weight 0.1).",
     )
     parser.add_argument("--data", required=True, help="Tiny-ImageNet-format zip or folder, or ImageFolder root")
-    parser.add_argument("--recipe", default="photos", help="configs/<recipe>.args, or a path to an .args file")
+    parser.add_argument("--recipe", default="photos_patch8", help="configs/<recipe>.args, or a path to an .args file")
     parser.add_argument("--iters", type=int, default=None, help="training iterations (default: the recipe's epochs)")
     parser.add_argument("--work_dir", default=None, help="prepared data, caches and runs (default: per-user cache)")
     parser.add_argument("--output_dir", default=None, help="the run's folder (default: a new one in --work_dir)")

@@ -34,7 +34,7 @@ def quick_run(tmp_path_factory):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('bench_quality imported lightly without --peer')\n")
     # an override equal to the recipe's own value (the run is the recipe's), to be named in the plot's title
-    flags = ["--data", str(ZIP), "--work_dir", str(tmp / "work"), "--threads", "1", "--koleo_loss_weight", "0.1"]
+    flags = ["--data", str(ZIP), "--work_dir", str(tmp / "work"), "--threads", "1", "--koleo_loss_weight", "0.3"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")]))
         mp.setenv("OMP_NUM_THREADS", "1")
@@ -51,7 +51,7 @@ def test_quick_mode_reports_every_metric_for_both_backbones(quick_run):
         for key in ("knn_top1", "knn_sklearn_top1", "linear_top1"):
             assert 0.0 <= report[row][key] <= 100.0
         assert report[row]["effective_rank"] >= 1.0
-    assert report["recipe"] == "photos" and report["iters"] > 0 and report["seconds"] > 0
+    assert report["recipe"] == "photos_patch8" and report["iters"] > 0 and report["seconds"] > 0
     assert report["gain"]["knn_top1"] == pytest.approx(
         report["trained"]["knn_top1"] - report["random_init"]["knn_top1"]
     )
@@ -61,7 +61,7 @@ def test_quick_mode_reports_every_metric_for_both_backbones(quick_run):
     assert report["trained"]["online_random_init_knn_top1"] == pytest.approx(report["random_init"]["knn_top1"])
     assert [p["iter"] for p in report["curve"]][0] == 0 and report["curve"][-1]["iter"] == report["iters"]
     assert Path(report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert report["title"] == f"recipe photos --koleo_loss_weight 0.1, {report['iters']} iterations"
+    assert report["title"] == f"recipe photos_patch8 --koleo_loss_weight 0.3, {report['iters']} iterations"
     assert "random_init" in stdout and "trained" in stdout
     # everything is written under the work folder: the prepared data too
     assert Path(report["data_root"]).is_relative_to(tmp / "work")
